@@ -1,0 +1,31 @@
+"""celery_batched: dynamic batching for Celery tasks.
+
+>>> @app.task(base=BatchedTask, max_batch_size=64, wait_ms=20)
+... def embed(texts: list[str]) -> list[list[float]]:
+...     return model.encode(texts).tolist()
+>>> embed.delay("one sentence").get()   # this item's own vector
+"""
+
+from __future__ import annotations
+
+from .bootstep import BatchingStep
+from .errors import (BatchedTaskDefinitionError, BatchedTaskOptionError, BatchingNotInstalledError,
+                     BatchResultError, BatchSetupError, CeleryBatchedError, ItemArgumentsError,
+                     ItemResultEncodeError)
+from .outcomes import RetryItem
+from .task import BatchedTask
+
+__all__ = [
+    "BatchedTask",
+    "BatchingStep",
+    "RetryItem",
+    "CeleryBatchedError",
+    "BatchedTaskDefinitionError",
+    "BatchedTaskOptionError",
+    "BatchingNotInstalledError",
+    "BatchResultError",
+    "BatchSetupError",
+    "ItemArgumentsError",
+    "ItemResultEncodeError",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,135 @@
+"""What a batched task is, checked once when the task is defined.
+
+``BatchSpec`` holds the batching options and the shape of the function's parameters, and turns
+one item's ``(args, kwargs)`` into one value per parameter. Everything here runs at class
+creation (options, signature) or on the worker's hot path (``bind_item``), so binding avoids
+``inspect.Signature.bind`` and costs a few list operations per item.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from .errors import BatchedTaskDefinitionError, BatchedTaskOptionError, ItemArgumentsError
+
+DEFAULT_MAX_BATCH_SIZE: Final = 64
+DEFAULT_WAIT_MS: Final = 20
+
+_MISSING: Final = object()
+_FILLABLE = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+             inspect.Parameter.KEYWORD_ONLY)
+
+
+def check_max_batch_size(value: object, task_name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BatchedTaskDefinitionError(
+            f"{task_name}: max_batch_size must be an int, got {value!r} "
+            f"({type(value).__name__}); for example max_batch_size=64")
+    if value < 1:
+        raise BatchedTaskOptionError(
+            f"{task_name}: max_batch_size must be >= 1, got {value}")
+    return value
+
+
+def check_wait_ms(value: object, task_name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise BatchedTaskDefinitionError(
+            f"{task_name}: wait_ms must be a number of milliseconds, got {value!r} "
+            f"({type(value).__name__}); for example wait_ms=20")
+    if not value >= 0 or value == float("inf"):
+        raise BatchedTaskOptionError(
+            f"{task_name}: wait_ms must be a finite number >= 0, got {value}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class BatchSpec:
+    """The batching options and parameter layout of one batched task."""
+
+    task_name: str
+    max_batch_size: int
+    wait_ms: float
+    param_names: tuple[str, ...]
+    n_positional: int
+    defaults: tuple[Any, ...]
+    is_async: bool
+    _index: Mapping[str, int] = field(repr=False)
+
+    @classmethod
+    def from_function(cls, fun: Callable[..., Any], *, skip_first: bool, task_name: str,
+                      max_batch_size: object, wait_ms: object) -> BatchSpec:
+        size = check_max_batch_size(max_batch_size, task_name)
+        wait = check_wait_ms(wait_ms, task_name)
+        try:
+            sig = inspect.signature(fun)
+        except (TypeError, ValueError) as exc:
+            raise BatchedTaskDefinitionError(
+                f"{task_name}: can't read the batched function's signature: {exc}") from exc
+        params = list(sig.parameters.values())
+        if skip_first:
+            params = params[1:]
+        for p in params:
+            if p.kind not in _FILLABLE:
+                star = "*" if p.kind is inspect.Parameter.VAR_POSITIONAL else "**"
+                raise BatchedTaskDefinitionError(
+                    f"{task_name}: parameter {star}{p.name} can't be batched: every parameter "
+                    f"receives one list with a value per item. Replace it with named parameters.")
+        if not params:
+            raise BatchedTaskDefinitionError(
+                f"{task_name}: a batched function needs at least one parameter; it is called "
+                f"with one list per parameter, e.g. def {task_name.rsplit('.', 1)[-1]}(xs: list[int]).")
+        names = tuple(p.name for p in params)
+        n_positional = sum(1 for p in params if p.kind is not inspect.Parameter.KEYWORD_ONLY)
+        defaults = tuple(_MISSING if p.default is inspect.Parameter.empty else p.default
+                         for p in params)
+        positional_only = {p.name for p in params if p.kind is inspect.Parameter.POSITIONAL_ONLY}
+        index = {n: i for i, n in enumerate(names) if n not in positional_only}
+        return cls(task_name=task_name, max_batch_size=size, wait_ms=wait, param_names=names,
+                   n_positional=n_positional, defaults=defaults,
+                   is_async=inspect.iscoroutinefunction(fun), _index=index)
+
+    @property
+    def wait_s(self) -> float:
+        return self.wait_ms / 1000.0
+
+    def bind_item(self, args: Sequence[Any] | None, kwargs: Mapping[str, Any] | None) -> tuple[Any, ...]:
+        """One item's call arguments -> one value per parameter, or :class:`ItemArgumentsError`."""
+        args = () if args is None else args
+        n_args = len(args)
+        n_params = len(self.param_names)
+        if n_args > self.n_positional:
+            raise ItemArgumentsError(
+                f"{self.task_name}() takes {self.n_positional} positional argument(s) per item "
+                f"({self._describe()}) but {n_args} were given")
+        if not kwargs and n_args == n_params:
+            return tuple(args)
+        values = list(args) + [_MISSING] * (n_params - n_args)
+        for key, value in (kwargs or {}).items():
+            i = self._index.get(key)
+            if i is None:
+                raise ItemArgumentsError(
+                    f"{self.task_name}() got an unexpected keyword argument {key!r}; "
+                    f"its parameters are ({self._describe()})")
+            if i < n_args:
+                raise ItemArgumentsError(
+                    f"{self.task_name}() got multiple values for argument {key!r}")
+            values[i] = value
+        missing = []
+        for i, value in enumerate(values):
+            if value is _MISSING:
+                default = self.defaults[i]
+                if default is _MISSING:
+                    missing.append(self.param_names[i])
+                else:
+                    values[i] = default
+        if missing:
+            raise ItemArgumentsError(
+                f"{self.task_name}() missing {len(missing)} argument(s) for this item: "
+                f"{', '.join(map(repr, missing))}; its parameters are ({self._describe()})")
+        return tuple(values)
+
+    def _describe(self) -> str:
+        return ", ".join(self.param_names)

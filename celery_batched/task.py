@@ -1,0 +1,87 @@
+"""``BatchedTask``: the Celery task base class users put on a list function."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, ClassVar
+
+from celery import Celery, Task
+
+from .outcomes import RetryItem
+from .spec import DEFAULT_MAX_BATCH_SIZE, DEFAULT_WAIT_MS, BatchSpec
+
+
+class BatchedTask(Task):
+    """A Celery task whose function takes lists and runs once per batch of messages.
+
+    Callers send single items (``task.delay(x, y)``); a worker buffers them and calls the
+    function with one list per parameter as soon as ``max_batch_size`` items are buffered or
+    ``wait_ms`` milliseconds have passed since the first -- whichever comes first. The function
+    returns a list with one result per item; each item keeps its own task id, state and result.
+
+    Class-based tasks subclass this, implement ``run(self, xs, ...)`` over lists and may
+    override :meth:`setup`, which runs once per worker process before its first batch.
+    """
+
+    #: Most items in one call of the function (>= 1).
+    max_batch_size: ClassVar[int] = DEFAULT_MAX_BATCH_SIZE
+    #: Longest wait, in milliseconds, from the first buffered item to the call (>= 0).
+    wait_ms: ClassVar[float] = DEFAULT_WAIT_MS
+    #: When the whole call raises, re-run the batch split in halves to isolate the failing items.
+    isolate_failures: ClassVar[bool] = False
+    #: Messages are acknowledged after their results are stored: at-least-once delivery.
+    acks_late = True
+
+    Strategy = "celery_batched.consumer:batching_strategy"
+    _batch_spec: ClassVar[BatchSpec]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        run = inspect.getattr_static(cls, "run")
+        if run is inspect.getattr_static(Task, "run"):
+            return  # an intermediate base class without a function yet
+        name = cls.__dict__.get("name") or f"{cls.__module__}.{cls.__qualname__}"
+        fun = run.__func__ if isinstance(run, (staticmethod, classmethod)) else run
+        cls._batch_spec = BatchSpec.from_function(
+            fun, skip_first=not isinstance(run, staticmethod), task_name=name,
+            max_batch_size=cls.max_batch_size, wait_ms=cls.wait_ms)
+        app = cls.__dict__.get("app")
+        if isinstance(app, Celery):
+            _install_bootstep(app)
+
+    @classmethod
+    def on_bound(cls, app: Celery) -> None:
+        _install_bootstep(app)
+
+    def setup(self) -> None:
+        """Prepare this worker process for batches (load a model, open a client). Runs once."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Run one item as a batch of one: eager mode, ``task.apply()`` and direct calls.
+
+        ``task.run(xs, ys)`` calls the list function itself.
+        """
+        from ._celery_internals import autoretry
+        from .execution import call_batch
+
+        row = self._batch_spec.bind_item(args, kwargs)
+        pushed = self.request_stack.top is None
+        if pushed:
+            self.push_request(args=args, kwargs=kwargs)
+        try:
+            (outcome,) = call_batch(self, [row])
+            if isinstance(outcome, Exception):
+                raise autoretry(self, outcome)
+            if isinstance(outcome, RetryItem):
+                raise self.retry(exc=outcome.exc, **outcome.retry_kwargs())
+            return outcome
+        finally:
+            if pushed:
+                self.pop_request()
+
+
+def _install_bootstep(app: Celery) -> None:
+    from .bootstep import BatchingStep
+
+    app.steps["consumer"].add(BatchingStep)
+

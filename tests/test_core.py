@@ -1,0 +1,282 @@
+"""Core engine behaviour through real worker processes and a real Redis."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import pytest
+from celery import states
+
+from celery_batched import BatchResultError, ItemArgumentsError, ItemResultEncodeError
+
+from .apps import calc
+from .workers import wait_for
+
+APP = "tests.apps.calc"
+
+
+def execs(redis_client, name: str) -> list[dict]:
+    return [json.loads(x) for x in redis_client.lrange(f"exec:{name}", 0, -1)]
+
+
+@pytest.mark.parametrize("pool", ["prefork", "threads", "solo"])
+def test_seed_example_two_executions(redis_client, queue, start_worker, pool):
+    start_worker(APP, queues=queue, pool=pool)
+    sent = time.time()
+    results = [calc.batch_add.apply_async((x, y), queue=queue)
+               for x, y in [(1, 300), (2, 200), (3, 100)]]
+    assert [r.get(timeout=15) for r in results] == [301, 202, 103]
+    runs = execs(redis_client, "batch_add")
+    assert [(r["xs"], r["ys"]) for r in runs] == [([1, 2], [300, 200]), ([3], [100])]
+    # The first batch is full at once; the second waits wait_ms (1000) from its first item.
+    assert runs[0]["t"] - sent < 0.5
+    assert 0.9 <= runs[1]["t"] - runs[0]["t"] < 1.6
+
+
+def test_async_function_is_awaited(redis_client, queue, start_worker):
+    start_worker(APP, queues=queue)
+    results = [calc.async_add.apply_async((x, y), queue=queue) for x, y in [(1, 300), (2, 200), (3, 100)]]
+    assert [r.get(timeout=15) for r in results] == [301, 202, 103]
+    assert [r["xs"] for r in execs(redis_client, "async_add")] == [[1, 2], [3]]
+
+
+def test_size_flush_does_not_wait(redis_client, queue, start_worker):
+    start_worker(APP, queues=queue)
+    results = [calc.sized.apply_async((i,), queue=queue) for i in range(8)]
+    # wait_ms is 60 s: only the size rule can have flushed these.
+    assert [r.get(timeout=10) for r in results] == [i * 10 for i in range(8)]
+    assert [r["xs"] for r in execs(redis_client, "sized")] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+
+
+def test_time_flush_counts_from_first_item(redis_client, queue, start_worker):
+    start_worker(APP, queues=queue)
+    first = calc.timed.apply_async((1,), queue=queue)
+    t_first = time.time()
+    time.sleep(0.5)
+    second = calc.timed.apply_async((2,), queue=queue)
+    assert (first.get(timeout=10), second.get(timeout=10)) == (-1, -2)
+    (run,) = execs(redis_client, "timed")
+    assert run["xs"] == [1, 2]
+    # From the first item: ~1.0 s. From the last item it would be ~1.5 s.
+    assert 0.95 <= run["t"] - t_first < 1.35
+
+
+def test_burst_of_1000_never_exceeds_max_batch_size(redis_client, queue, start_worker):
+    start_worker(APP, queues=queue)
+    results = [calc.burst.apply_async((i,), queue=queue) for i in range(1000)]
+    assert [r.get(timeout=60) for r in results] == [i + 1 for i in range(1000)]
+    sizes = [r["n"] for r in execs(redis_client, "burst")]
+    assert sum(sizes) == 1000
+    assert max(sizes) <= 50
+    assert max(sizes) > 1, "nothing was batched"
+
+
+def test_backlog_drains_in_full_batches_with_default_prefetch(redis_client, queue, start_worker):
+    results = [calc.backlog.apply_async((i,), queue=queue) for i in range(520)]
+    # Default worker settings: prefork -c 1, prefetch multiplier 4 -> Celery alone would hold 4.
+    start_worker(APP, queues=queue, pool="prefork", concurrency=1)
+    assert [r.get(timeout=60) for r in results] == [i * 2 for i in range(520)]
+    sizes = [r["n"] for r in execs(redis_client, "backlog")]
+    assert sizes == [50] * 10 + [20]
+
+
+def test_item_returned_exception_fails_alone(redis_client, queue, start_worker):
+    start_worker(APP, queues=queue)
+    results = [calc.per_item.apply_async((i,), queue=queue) for i in range(6)]
+    for i, r in enumerate(results):
+        if i % 2:
+            with pytest.raises(ValueError, match=f"odd input {i}"):
+                r.get(timeout=10)
+            assert r.state == states.FAILURE
+        else:
+            assert r.get(timeout=10) == i
+            assert r.state == states.SUCCESS
+    assert len(execs(redis_client, "per_item")) == 1
+
+
+def test_raising_function_fails_every_item(redis_client, queue, start_worker):
+    start_worker(APP, queues=queue)
+    results = [calc.raiser.apply_async((i,), queue=queue) for i in range(3)]
+    for r in results:
+        with pytest.raises(RuntimeError, match="model exploded on a batch of 3"):
+            r.get(timeout=10)
+        assert r.state == states.FAILURE
+
+
+def test_wrong_length_fails_every_item_with_clear_error(redis_client, queue, start_worker):
+    start_worker(APP, queues=queue)
+    results = [calc.wrong_len.apply_async((i,), queue=queue) for i in range(3)]
+    for r in results:
+        with pytest.raises(BatchResultError) as err:
+            r.get(timeout=10)
+        assert "tests.apps.calc.wrong_len" in str(err.value)
+        assert "received 3 items but returned a list of 2" in str(err.value)
+
+
+def test_bad_arity_item_fails_alone(redis_client, queue, start_worker):
+    start_worker(APP, queues=queue)
+    name = calc.kw.name
+    good = [calc.kw.apply_async((1, 2), {"c": 3}, queue=queue),
+            calc.kw.apply_async((4,), {"b": 5, "c": 6}, queue=queue)]
+    # send_task skips the caller-side argument check, as a foreign producer would.
+    bad = {
+        "too many": calc.app.send_task(name, (1, 2, 3), {"c": 4}, queue=queue),
+        "unknown keyword": calc.app.send_task(name, (1, 2), {"c": 3, "d": 4}, queue=queue),
+        "missing": calc.app.send_task(name, (1,), {"c": 3}, queue=queue),
+    }
+    assert [r.get(timeout=10) for r in good] == [123, 456]
+    expected = {"too many": "takes 2 positional argument", "unknown keyword": "unexpected keyword argument 'd'",
+                "missing": "missing 1 argument(s) for this item: 'b'"}
+    for what, r in bad.items():
+        with pytest.raises(ItemArgumentsError, match=re.escape(expected[what])):
+            r.get(timeout=10)
+    (run,) = execs(redis_client, "kw")
+    assert run == {**run, "a": [1, 4], "b": [2, 5], "c": [3, 6]}
+
+
+def test_keyword_arguments(redis_client, queue, start_worker):
+    start_worker(APP, queues=queue)
+    assert calc.batch_add.apply_async((1,), {"ys": 300}, queue=queue).get(timeout=10) == 301
+    assert calc.batch_add.s(xs=2, ys=200).set(queue=queue).delay().get(timeout=10) == 202
+
+
+def test_caller_side_arity_check():
+    with pytest.raises(TypeError):
+        calc.batch_add.delay(1, 2, 3)
+
+
+def test_class_based_setup_once_per_process(redis_client, queue, start_worker):
+    start_worker(APP, queues=queue, pool="prefork", concurrency=2)
+    results = [calc.scaler.apply_async((i,), queue=queue) for i in range(200)]
+    assert [r.get(timeout=30) for r in results] == [i * 3 for i in range(200)]
+    setups = [int(p) for p in redis_client.lrange("setup:scaler", 0, -1)]
+    executing = {r["pid"] for r in execs(redis_client, "scaler")}
+    assert len(setups) == len(set(setups)), "setup() ran twice in one process"
+    assert executing <= set(setups)
+    assert max(r["n"] for r in execs(redis_client, "scaler")) <= 8
+
+
+def test_two_batched_tasks_share_a_worker(redis_client, queue, start_worker):
+    start_worker(APP, queues=queue, pool="threads", concurrency=2)
+    a = [calc.sized.apply_async((i,), queue=queue) for i in range(4)]
+    b = [calc.timed.apply_async((i,), queue=queue) for i in range(3)]
+    c = calc.plain_add.apply_async((2, 3), queue=queue)
+    assert [r.get(timeout=10) for r in a] == [0, 10, 20, 30]
+    assert [r.get(timeout=10) for r in b] == [0, -1, -2]
+    assert c.get(timeout=10) == 5
+    assert [r["xs"] for r in execs(redis_client, "sized")] == [[0, 1, 2, 3]]
+    assert [r["xs"] for r in execs(redis_client, "timed")] == [[0, 1, 2]]
+
+
+def test_result_is_stored_like_an_ordinary_task(redis_client, queue, start_worker):
+    start_worker(APP, queues=queue, env={"TEST_RESULT_EXTENDED": "1"})
+    calc.app.conf.result_extended = True
+    try:
+        r = calc.batch_add.apply_async((5, 6), queue=queue)
+        assert r.get(timeout=10) == 11
+        assert r.state == states.SUCCESS
+        assert r.name == calc.batch_add.name
+        assert r.args == [5, 6]
+        assert r.queue == queue
+    finally:
+        calc.app.conf.result_extended = False
+    ignored = calc.batch_add.apply_async((1, 1), queue=queue, ignore_result=True)
+    marker = calc.batch_add.apply_async((2, 2), queue=queue)
+    assert marker.get(timeout=10) == 4
+    assert ignored.state == states.PENDING  # ignore_result: nothing stored
+    assert [r["xs"] for r in execs(redis_client, "batch_add")][-1] == [1, 2]
+
+
+def test_link_callback_gets_the_items_result(redis_client, queue, start_worker):
+    start_worker(APP, queues=queue)
+    cb = calc.collect.s("collected").set(queue=queue)
+    r = calc.batch_add.apply_async((7, 8), queue=queue, link=cb)
+    assert r.get(timeout=10) == 15
+    wait_for(lambda: redis_client.lrange("collected", 0, -1), 10, what="link callback")
+    assert json.loads(redis_client.lrange("collected", 0, -1)[0]) == 15
+
+
+def test_chain_continues_with_each_items_result(redis_client, queue, start_worker):
+    from celery import chain
+    start_worker(APP, queues=queue)
+    results = [chain(calc.batch_add.s(i, 1).set(queue=queue),
+                     calc.batch_add.s(100).set(queue=queue)).apply_async() for i in range(3)]
+    assert [r.get(timeout=15) for r in results] == [101, 102, 103]
+
+
+def test_unencodable_result_fails_only_that_item(redis_client, queue, start_worker):
+    start_worker(APP, queues=queue)
+    results = [calc.unencodable.apply_async((i,), queue=queue) for i in range(3)]
+    with pytest.raises(ItemResultEncodeError, match="could not be stored"):
+        results[0].get(timeout=10)
+    assert [r.get(timeout=10) for r in results[1:]] == [1, 2]
+
+
+def test_autoretry_is_per_item(redis_client, queue, start_worker):
+    start_worker(APP, queues=queue)
+    # "n:tag" fails until tried n times; max_retries=2 allows 3 tries.
+    results = {k: calc.flaky.apply_async((k,), queue=queue) for k in ["1:a", "2:b", "3:c", "4:d"]}
+    assert results["1:a"].get(timeout=15) == "ok:1:a:1"
+    assert results["2:b"].get(timeout=15) == "ok:2:b:2"
+    assert results["3:c"].get(timeout=15) == "ok:3:c:3"
+    with pytest.raises(KeyError):
+        results["4:d"].get(timeout=15)
+    assert int(redis_client.get("tries:4:d")) == 3
+
+
+def test_function_can_ask_to_retry_an_item(redis_client, queue, start_worker):
+    start_worker(APP, queues=queue)
+    results = [calc.asks_retry.apply_async((k,), queue=queue) for k in ["x", "y"]]
+    assert [r.get(timeout=15) for r in results] == ["done:x", "done:y"]
+    assert int(redis_client.get("tries:x")) == 2
+
+
+def test_events_per_item(redis_client, queue, start_worker):
+    import threading
+    start_worker(APP, queues=queue, extra_args=("-E",))
+    seen: list[dict] = []
+    ready = threading.Event()
+
+    def listen():
+        with calc.app.connection_for_read() as conn:
+            recv = calc.app.events.Receiver(conn, handlers={"*": seen.append})
+            ready.set()
+            try:
+                recv.capture(limit=None, timeout=15)
+            except Exception:
+                pass
+
+    t = threading.Thread(target=listen, daemon=True)
+    t.start()
+    ready.wait(5)
+    time.sleep(0.5)
+    results = [calc.batch_add.apply_async((i, i), queue=queue) for i in range(4)]
+    assert [r.get(timeout=10) for r in results] == [0, 2, 4, 6]
+    ids = {r.id for r in results}
+
+    def counts():
+        c = {}
+        for ev in seen:
+            if ev.get("uuid") in ids:
+                c[ev["type"]] = c.get(ev["type"], 0) + 1
+        return c
+    wait_for(lambda: counts().get("task-succeeded") == 4, 10, what="4 task-succeeded events")
+    assert counts() == {"task-received": 4, "task-started": 4, "task-succeeded": 4}
+
+
+def test_eager_mode_runs_a_batch_of_one():
+    assert calc.batch_add.apply(args=(1, 300)).get() == 301
+    calc.app.conf.task_always_eager = True
+    try:
+        assert calc.batch_add.delay(2, ys=200).get() == 202
+        assert calc.scaler.delay(5).get() == 15
+        r = calc.per_item.apply(args=(3,))
+        assert r.state == states.FAILURE
+        assert isinstance(r.result, ValueError)
+    finally:
+        calc.app.conf.task_always_eager = False
+    # Calling the task object directly is the item-level call; .run() is the list function.
+    assert calc.batch_add(1, 2) == 3
+    assert calc.batch_add.run([1, 2], [3, 4]) == [4, 6]
