@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
 from celery import Celery, Task
+from celery.result import AsyncResult
 
 from .outcomes import RetryItem
 from .spec import DEFAULT_MAX_BATCH_SIZE, DEFAULT_WAIT_MS, BatchSpec
@@ -55,6 +57,23 @@ class BatchedTask(Task):
 
     def setup(self) -> None:
         """Prepare this worker process for batches (load a model, open a client). Runs once."""
+
+    def starmap_items(self, items: Iterable[Sequence[Any] | Mapping[str, Any]],
+                      **options: Any) -> list[AsyncResult]:
+        """Send many items at once; one ``AsyncResult`` per item, in order.
+
+        Each item is a tuple of positional arguments or a dict of keyword arguments.
+        ``options``: ``queue``, ``priority``, ``countdown``, ``eta``, ``expires``, time limits,
+        ``ignore_result`` (others fall back to one ``apply_async`` per item). Items are checked
+        against the function's parameters before anything is sent.
+        """
+        from .submit import starmap_items
+
+        return starmap_items(self, items, **options)
+
+    def map_items(self, values: Iterable[Any], **options: Any) -> list[AsyncResult]:
+        """``starmap_items`` for a function of one parameter: one value per item."""
+        return self.starmap_items(((v,) for v in values), **options)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Run one item as a batch of one: eager mode, ``task.apply()`` and direct calls.

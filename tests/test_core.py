@@ -280,3 +280,17 @@ def test_eager_mode_runs_a_batch_of_one():
     # Calling the task object directly is the item-level call; .run() is the list function.
     assert calc.batch_add(1, 2) == 3
     assert calc.batch_add.run([1, 2], [3, 4]) == [4, 6]
+
+
+def test_bulk_submit_returns_results_in_order(redis_client, queue, start_worker):
+    start_worker(APP, queues=queue)
+    results = calc.burst.map_items(range(300), queue=queue)
+    assert [r.get(timeout=30) for r in results] == [i + 1 for i in range(300)]
+    mixed = calc.batch_add.starmap_items([(1, 2), {"xs": 3, "ys": 4}], queue=queue)
+    assert [r.get(timeout=10) for r in mixed] == [3, 7]
+
+
+def test_bulk_submit_rejects_a_bad_item_before_sending(redis_client, queue):
+    with pytest.raises(ItemArgumentsError, match="item 1: .* takes 2 positional"):
+        calc.batch_add.starmap_items([(1, 2), (1, 2, 3)], queue=queue)
+    assert redis_client.llen(queue) == 0

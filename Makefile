@@ -1,0 +1,30 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   -- install into .venv, then run the batching demo (no server needed)
+#   make test   -- install into .venv, make sure Redis and RabbitMQ run, then run the tests
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build; a plain `torch` requirement would pull a multi-GB CUDA build.
+TORCH ?= torch==2.13.0
+
+.PHONY: demo test install services bench
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(PY) -m example_project.demo
+
+services:
+	bash scripts/ensure-services.sh
+
+test: install services
+	$(PY) -m pytest
+
+bench: install services
+	$(PY) benchmarks/run.py

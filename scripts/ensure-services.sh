@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Make sure Redis (127.0.0.1:6379) and RabbitMQ (127.0.0.1:5672) answer; start them if not.
+set -euo pipefail
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
+  echo "starting redis-server"
+  mkdir -p /var/lib/redis /var/log/redis
+  redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no \
+    --dir /var/lib/redis --logfile /var/log/redis/ci.log
+fi
+if ! port_open 5672; then
+  echo "starting rabbitmq-server"
+  rabbitmq-server -detached
+fi
+
+for _ in $(seq 1 120); do
+  if redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 && port_open 5672; then
+    echo "redis and rabbitmq are up"
+    exit 0
+  fi
+  sleep 1
+done
+echo "redis or rabbitmq did not come up in 120 s" >&2
+exit 1
