@@ -50,3 +50,10 @@ def pytest_runtest_makereport(item, call):  # noqa: ANN001, ANN201
         if tmp is not None:
             for log in sorted(Path(tmp).glob("*.log")):
                 item.add_report_section("call", f"worker log {log.name}", log.read_text(errors="replace")[-6000:])
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):  # noqa: ANN001, ANN201
+    from . import report
+    if report.ROWS:
+        terminalreporter.write_sep("=", "fault-injection tally")
+        terminalreporter.write_line(report.table())

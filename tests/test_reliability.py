@@ -1,0 +1,306 @@
+"""Fault injection with real worker processes on Redis and on RabbitMQ: nothing is lost."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from types import SimpleNamespace
+
+import pytest
+from celery import Celery, states
+from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded, WorkerLostError
+
+from . import report
+from .conftest import AMQP_URL, REDIS_URL
+from .workers import wait_for
+
+APP = "tests.apps.faults"
+T = "tests.apps.faults."
+
+
+@pytest.fixture(params=["redis", "rabbitmq"])
+def broker(request, queue, redis_client):
+    url = {"redis": REDIS_URL, "rabbitmq": AMQP_URL}[request.param]
+    client = Celery("client", broker=url, backend=REDIS_URL)
+    client.conf.update(task_serializer="json", accept_content=["json"], result_serializer="json")
+    yield SimpleNamespace(name=request.param, url=url, app=client, env={"TEST_BROKER_URL": url})
+    if request.param == "rabbitmq":
+        try:
+            with client.connection_for_write() as conn:
+                conn.default_channel.queue_delete(queue)
+        except Exception:
+            pass
+    client.close()
+
+
+def send_many(broker, name, arg_tuples, queue, **options):
+    app = broker.app
+    with app.producer_or_acquire() as producer:
+        return [app.send_task(T + name, args, queue=queue, producer=producer, **options)
+                for args in arg_tuples]
+
+
+def runs(redis_client) -> dict[int, int]:
+    return {int(k): int(v) for k, v in redis_client.hgetall("runs").items()}
+
+
+def batch_sizes(redis_client) -> list[int]:
+    return [int(x.split(b":")[1]) for x in redis_client.lrange("batches", 0, -1)]
+
+
+def test_kill_9_mid_run_loses_nothing(broker, queue, redis_client, start_worker):
+    n = 3000
+    redis_client.set("delay", 0.2)
+    results = send_many(broker, "slow_square", [(i,) for i in range(n)], queue)
+    first = start_worker(APP, queues=queue, env=broker.env)
+    wait_for(lambda: len(runs(redis_client)) >= 200, 60, what="some batches to finish")
+    first.kill()  # main process and pool child, mid-batch, with a partly filled buffer
+    done_before = len(runs(redis_client))
+    redis_client.set("delay", 0.01)
+    start_worker(APP, queues=queue, env=broker.env)
+    values = [r.get(timeout=120) for r in results]
+    assert values == [i * i for i in range(n)]
+    counts = runs(redis_client)
+    duplicated = sum(1 for c in counts.values() if c > 1)
+    # Only what the killed worker held (buffer + running batch) may run twice.
+    assert duplicated <= 20 * 3 + 8
+    assert all(r.state == states.SUCCESS for r in results)
+    report.add("kill -9 worker mid-run (acks_late)", broker.name, n, len(values), duplicated,
+               f"{done_before} done before the kill")
+
+
+@pytest.mark.parametrize("variant", ["requeue", "fail"])
+def test_pool_child_dies_inside_the_function(broker, queue, redis_client, start_worker, variant):
+    start_worker(APP, queues=queue, env=broker.env)
+    name = "die_requeue" if variant == "requeue" else "die_fail"
+    doomed = send_many(broker, name, [(i,) for i in [1, 2, -1]], queue)
+    if variant == "requeue":
+        # reject_on_worker_lost: the batch goes back to the broker and runs again.
+        assert [r.get(timeout=30) for r in doomed] == [2, 4, -2]
+    else:
+        for r in doomed:
+            with pytest.raises(WorkerLostError):
+                r.get(timeout=30)
+            assert r.state == states.FAILURE
+    later = send_many(broker, name, [(i,) for i in range(10, 15)], queue)
+    assert [r.get(timeout=30) for r in later] == [i * 2 for i in range(10, 15)]
+    ok = sum(1 for r in doomed + later if r.state in (states.SUCCESS, states.FAILURE))
+    report.add(f"pool child os._exit in function ({variant})", broker.name, len(doomed) + len(later),
+               ok, sum(1 for c in runs(redis_client).values() if c > 1),
+               "re-run" if variant == "requeue" else "FAILURE WorkerLostError")
+
+
+def test_warm_shutdown_finishes_running_batch_and_hands_back_buffer(broker, queue, redis_client,
+                                                                    start_worker):
+    redis_client.set("delay", 2)
+    worker = start_worker(APP, queues=queue, env=broker.env)
+    running = send_many(broker, "held", [(i,) for i in range(10)], queue)  # full: runs for 2 s
+    time.sleep(0.5)
+    buffered = send_many(broker, "held", [(i,) for i in range(10, 15)], queue)  # waits 2.5 s
+    time.sleep(0.5)
+    worker.stop()  # SIGTERM while the batch runs and 5 items sit in the buffer
+    assert [r.state for r in running] == [states.SUCCESS] * 10
+    assert [r.get(timeout=1) for r in running] == [i + 1000 for i in range(10)]
+    assert all(r.state == states.PENDING for r in buffered)
+    assert "handed 5 buffered message(s) back to the broker" in worker.log()
+    redis_client.set("delay", 0)
+    start_worker(APP, queues=queue, env=broker.env)
+    assert [r.get(timeout=30) for r in buffered] == [i + 1000 for i in range(10, 15)]
+    counts = runs(redis_client)
+    assert {i: c for i, c in counts.items() if c != 1} == {}
+    report.add("warm shutdown (SIGTERM) mid-batch", broker.name, 15, 15, 0,
+               "running batch stored, 5 buffered handed back")
+
+
+def _drop_connections(broker) -> None:
+    if broker.name == "redis":
+        import redis
+        redis.Redis.from_url(REDIS_URL).execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+    else:
+        subprocess.run(["rabbitmqctl", "close_all_connections", "test: connection drop"],
+                       check=True, capture_output=True, timeout=60)
+
+
+def test_broker_connection_lost_and_restored(broker, queue, redis_client, start_worker):
+    redis_client.set("delay", 0.05)
+    worker = start_worker(APP, queues=queue, env=broker.env)
+    first = send_many(broker, "slow_square", [(i,) for i in range(400)], queue)
+    wait_for(lambda: len(runs(redis_client)) >= 60, 30, what="batches before the drop")
+    _drop_connections(broker)
+    wait_for(lambda: worker.log().count("Connected to") >= 2, 60, what="the worker to reconnect")
+    second = send_many(broker, "slow_square", [(i,) for i in range(400, 600)], queue)
+    values = [r.get(timeout=120) for r in first + second]
+    assert values == [i * i for i in range(600)]
+    counts = runs(redis_client)
+    duplicated = sum(1 for c in counts.values() if c > 1)
+    assert max(batch_sizes(redis_client)) <= 20
+    report.add("broker connections dropped mid-run", broker.name, 600, len(values), duplicated,
+               "worker reconnected and kept batching")
+
+
+def test_time_limits_fail_the_batch_and_worker_stays_healthy(broker, queue, redis_client, start_worker):
+    start_worker(APP, queues=queue, env=broker.env)
+    soft = send_many(broker, "soft_limited", [(x,) for x in (0.1, 2.0)], queue)
+    hard = send_many(broker, "hard_limited", [(x,) for x in (0.1, 5.0)], queue)
+    for r in soft:
+        with pytest.raises(SoftTimeLimitExceeded):
+            r.get(timeout=30)
+    for r in hard:
+        with pytest.raises(TimeLimitExceeded):
+            r.get(timeout=30)
+        assert r.state == states.FAILURE
+    after = send_many(broker, "hard_limited", [(0.01,), (0.02,)], queue)
+    assert [r.get(timeout=30) for r in after] == [0.01, 0.02]
+    report.add("soft + hard time limits", broker.name, 6, 6, 0, "batch items FAILURE, worker healthy")
+
+
+def test_eta_items_wait_without_taking_batch_slots(broker, queue, redis_client, start_worker):
+    from datetime import datetime, timedelta, timezone
+    start_worker(APP, queues=queue, env=broker.env)
+    # Redis redelivers what stays unacknowledged past visibility_timeout (3 s here), so the ETA
+    # stays under it. On RabbitMQ, Celery itself receives ETA messages slowly (one prefetch
+    # increment per message; measured ~5 messages/s for plain Celery tasks too), so fewer.
+    n, delay = (300, 2.5) if broker.name == "redis" else (40, 12)
+    due = time.time() + delay
+    eta = datetime.now(timezone.utc) + timedelta(seconds=delay)
+    later = send_many(broker, "eta_square", [(i,) for i in range(n)], queue, eta=eta)
+    now = send_many(broker, "eta_square", [(i,) for i in range(1000, 1010)], queue)
+    assert [r.get(timeout=delay) for r in now] == [i * i for i in range(1000, 1010)]
+    assert time.time() < due, "sending took too long for this test to mean anything"
+    assert all(r.state == states.PENDING for r in later)
+    assert [r.get(timeout=60) for r in later] == [i * i for i in range(n)]
+    eta_runs = [(float(t), int(k)) for t, k in (x.split(b":") for x in redis_client.lrange("eta_runs", 0, -1))]
+    immediate = [k for t, k in eta_runs if t < due - 0.05]
+    delayed = [k for t, k in eta_runs if t >= due - 0.05]
+    assert sum(immediate) == 10  # nothing with an ETA ran early or shared their batches
+    assert sum(delayed) == n and max(delayed) <= 50
+    report.add(f"{n} ETA items + 10 immediate", broker.name, n + 10, n + 10,
+               sum(1 for c in runs(redis_client).values() if c > 1), "ETA items batched when due, <= 50")
+
+
+def test_expired_and_revoked_items_never_reach_the_function(broker, queue, redis_client, start_worker):
+    start_worker(APP, queues=queue, env=broker.env)
+    keep = send_many(broker, "slow_flush", [("keep",)], queue)[0]
+    expiring = send_many(broker, "slow_flush", [("expiring",)], queue, expires=0.5)[0]
+    revoked = send_many(broker, "slow_flush", [("revoked",)], queue)[0]
+    time.sleep(0.3)
+    broker.app.control.revoke(revoked.id)  # arrives while the item is buffered (flush at 1.5 s)
+    assert keep.get(timeout=10) == "KEEP"
+    wait_for(lambda: expiring.state == states.REVOKED and revoked.state == states.REVOKED, 10,
+             what="REVOKED states")
+    assert set(redis_client.hgetall("runs")) == {b"keep"}
+    report.add("expired + revoked while buffered", broker.name, 3, 3, 0, "2 REVOKED, never run")
+
+
+def test_poison_item_is_isolated_by_bisection(broker, queue, redis_client, start_worker):
+    start_worker(APP, queues=queue, env=broker.env)
+    xs = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, -11, 12, 13, 14, 15, 16]
+    results = send_many(broker, "isolating", [(x,) for x in xs], queue)
+    for x, r in zip(xs, results):
+        if x < 0:
+            with pytest.raises(ValueError, match="negative input in a batch of 1"):
+                r.get(timeout=15)
+        else:
+            assert r.get(timeout=15) == x * 3
+    calls = int(redis_client.get("calls"))
+    assert calls <= 1 + 2 * 4  # the failing call, then two halves per level of log2(16)
+    report.add("poison item, isolate_failures=True", broker.name, 16, 16, 0,
+               f"15 SUCCESS, 1 FAILURE, {calls} calls")
+
+
+def test_bad_input_catalogue(broker, queue, redis_client, start_worker):
+    from celery_batched import BatchResultError, ItemArgumentsError, ItemResultEncodeError
+
+    start_worker(APP, queues=queue, env=broker.env)
+    name = T + "catalogue"
+    app = broker.app
+    big = "x" * 5_000_000
+    cases = {
+        "too many args": (app.send_task(name, ("ok", 1, 2), queue=queue), ItemArgumentsError, "takes 2 positional"),
+        "unknown keyword": (app.send_task(name, ("ok", 1), {"zz": 1}, queue=queue), ItemArgumentsError, "unexpected keyword argument 'zz'"),
+        "missing argument": (app.send_task(name, ("ok",), queue=queue), ItemArgumentsError, "'payloads'"),
+        "type it chokes on": (app.send_task(name, ("bad-type", 7), queue=queue), AttributeError, "upper"),
+        "unencodable result": (app.send_task(name, ("unencodable", 1), queue=queue), ItemResultEncodeError, "could not be stored"),
+        "returns None": (app.send_task(name, ("return-none", 1), queue=queue), BatchResultError, "returned NoneType"),
+        "returns a generator": (app.send_task(name, ("return-generator", 1), queue=queue), BatchResultError, "not a generator"),
+        "returns wrong length": (app.send_task(name, ("return-short", 1), queue=queue), BatchResultError, "received 1 items but returned a list of 0"),
+        "returns a dict": (app.send_task(name, ("return-dict", 1), queue=queue), BatchResultError, "returned dict"),
+        "raises": (app.send_task(name, ("raise", 1), queue=queue), RuntimeError, "asked to raise"),
+    }
+    good = {
+        "very large item": (app.send_task(name, ("large", big), queue=queue), 5_000_000),
+        "non-ASCII text": (app.send_task(name, ("echo", "naïve café — 東京 🚀"), queue=queue), "naïve café — 東京 🚀"),
+        "plain": (app.send_task(name, ("echo", [1, {"a": 2}]), queue=queue), [1, {"a": 2}]),
+    }
+    # A pickle payload while the worker accepts JSON only: rejected and logged, worker survives.
+    with app.producer_or_acquire() as producer:
+        pickled = app.send_task(name, ("echo", 1), queue=queue, serializer="pickle", producer=producer)
+    for what, (r, exc_type, message) in cases.items():
+        with pytest.raises(exc_type, match=message):
+            r.get(timeout=30)
+        assert r.state == states.FAILURE, what
+    for what, (r, expected) in good.items():
+        assert r.get(timeout=30) == expected, what
+    assert pickled.state == states.PENDING
+    after = app.send_task(name, ("echo", "still alive"), queue=queue)
+    assert after.get(timeout=15) == "still alive"
+    report.add("bad input catalogue (14 cases)", broker.name, len(cases) + len(good) + 2,
+               len(cases) + len(good) + 2, 0, "10 clear per-item errors, 3 good, 1 rejected pickle")
+
+
+def test_two_workers_on_one_queue_no_duplicates(broker, queue, redis_client, start_worker):
+    redis_client.set("delay", 0.02)
+    n = 2000
+    results = send_many(broker, "slow_square", [(i,) for i in range(n)], queue)
+    start_worker(APP, queues=queue, env=broker.env)
+    start_worker(APP, queues=queue, env=broker.env)
+    assert [r.get(timeout=120) for r in results] == [i * i for i in range(n)]
+    counts = runs(redis_client)
+    assert len(counts) == n and set(counts.values()) == {1}
+    pids = {x.split(b":")[0] for x in redis_client.lrange("batches", 0, -1)}
+    assert len(pids) == 2, "both workers should have run batches"
+    report.add("two workers, one queue", broker.name, n, n, 0, "both batched")
+
+
+def _unacked(broker, queue) -> int:
+    if broker.name == "redis":
+        import redis
+        return redis.Redis.from_url(REDIS_URL).hlen("unacked")
+    out = subprocess.run(["rabbitmqctl", "-q", "list_queues", "name", "messages_unacknowledged"],
+                         capture_output=True, text=True, timeout=30).stdout
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[0] == queue:
+            return int(parts[1])
+    return 0
+
+
+def test_memory_and_unacked_stay_bounded_while_draining(broker, queue, redis_client, start_worker):
+    import psutil
+
+    from .apps import faults
+    n = int(os.environ.get("TEST_DRAIN_ITEMS", 100_000 if broker.name == "redis" else 20_000))
+    if broker.name == "redis":
+        faults.tally.map_items(range(n), queue=queue)
+    else:
+        send_many(broker, "tally", [(i,) for i in range(n)], queue)
+    worker = start_worker(APP, queues=queue, env=broker.env)
+    procs = [psutil.Process(worker.pid)] + [psutil.Process(p) for p in worker.child_pids()]
+    unacked, rss = [], []
+    deadline = time.time() + 240
+    while int(redis_client.get("tally") or 0) < n:
+        assert time.time() < deadline, f"drained only {redis_client.get('tally')} of {n}"
+        unacked.append(_unacked(broker, queue))
+        done = int(redis_client.get("tally") or 0)
+        rss.append((done, sum(p.memory_info().rss for p in procs)))
+        time.sleep(0.25 if broker.name == "redis" else 0.5)
+    # Held by batching: at most max_batch_size * (pool processes + 1) = 200, plus Celery's own
+    # prefetch (4) -- never the queue.
+    assert max(unacked) <= 200 + 4 + 20, max(unacked)
+    warm = [r for done, r in rss if done >= n * 0.1]
+    growth_mb = (max(warm) - warm[0]) / 2**20
+    assert growth_mb < 30, f"RSS grew {growth_mb:.1f} MB while draining"
+    report.add(f"drain {n} queued items", broker.name, n, n, 0,
+               f"max unacked {max(unacked)}, RSS growth {growth_mb:.1f} MB after warm-up")
