@@ -13,12 +13,14 @@ from .errors import (BatchedTaskDefinitionError, BatchedTaskOptionError, Batchin
                      BatchResultError, BatchSetupError, CeleryBatchedError, ItemArgumentsError,
                      ItemResultEncodeError)
 from .outcomes import RetryItem
+from .stats import batching_stats
 from .task import BatchedTask
 
 __all__ = [
     "BatchedTask",
     "BatchingStep",
     "RetryItem",
+    "batching_stats",
     "CeleryBatchedError",
     "BatchedTaskDefinitionError",
     "BatchedTaskOptionError",

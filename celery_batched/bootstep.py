@@ -55,7 +55,23 @@ class BatchingStep(bootsteps.StartStopStep):
             credit = PrefetchCredit(c.qos, cap=spec.max_batch_size * (slots + 1))
             assert self._dispatcher is not None
             buffer = self.buffers[task.name] = BatchBuffer(spec, c.timer, credit, self._dispatcher)
+            self._check_visibility_timeout(task)
         return buffer
+
+    def _check_visibility_timeout(self, task: Any) -> None:
+        """Redis redelivers a message unacknowledged for ``visibility_timeout``: warn if a batch
+        can outlast it (buffered wait + time limit), since its items would then run twice."""
+        c = self.consumer
+        if getattr(c.connection.transport, "driver_type", None) != "redis":
+            return
+        visibility = float((c.app.conf.broker_transport_options or {}).get("visibility_timeout", 3600))
+        worst = task._batch_spec.wait_s + float(task.time_limit or 0)
+        if worst >= visibility or (not task.time_limit and visibility < 600):
+            logger.warning(
+                "celery_batched: %s: Redis visibility_timeout is %.0fs; a message buffered for "
+                "wait_ms plus a batch running longer than that is delivered again. Set "
+                "time_limit on the task and keep visibility_timeout above wait_ms + time_limit.",
+                task.name, visibility)
 
     def stop(self, c: Any) -> None:
         """Hand every buffered (not yet running) message back to the broker."""
@@ -99,7 +115,7 @@ class BatchingStep(bootsteps.StartStopStep):
 def batching_stats(state: Any, **kwargs: Any) -> dict[str, Any]:
     """Batches run per batched task: counts, batch-size histogram, messages buffered and held.
 
-    ``app.control.inspect().batching_stats()`` or ``celery -A proj inspect batching_stats``.
+    ``celery_batched.batching_stats(app)`` or ``celery -A proj inspect batching_stats``.
     """
     batching = getattr(state.consumer, "batching", None)
     return batching.stats() if batching is not None else {}

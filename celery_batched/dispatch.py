@@ -13,7 +13,7 @@ from typing import Any
 
 from celery.utils.log import get_logger
 
-from ._celery_internals import pool_item
+from ._celery_internals import ack_many, pool_item
 from .buffer import PrefetchCredit
 from .execution import execute_batch
 
@@ -40,7 +40,16 @@ class BatchJob:
     def on_done(self, replies: Any) -> None:
         if not isinstance(replies, list):  # threads/solo report a lost job as an ExceptionInfo
             return self.on_error(replies)
+        if logger.isEnabledFor(logging.INFO) and self.requests:
+            # One line per batch, never payloads (Celery's per-task success line logs the result).
+            failed = sum(1 for reply in replies if reply[0])
+            logger.info("Batch of %d %s done in %.3fs: %d succeeded, %d failed or retried",
+                        len(replies), self.requests[0].name, replies[0][2] if replies else 0.0,
+                        len(replies) - failed, failed)
         try:
+            if self.requests and self.requests[0].task.acks_late:
+                # Results are stored: acknowledge the succeeded items together.
+                _guard(ack_many, [req for req, reply in zip(self.requests, replies) if not reply[0]])
             for req, reply in zip(self.requests, replies):
                 _guard(req.on_success, reply)
         finally:

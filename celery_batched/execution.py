@@ -98,6 +98,8 @@ def call_batch(task: BatchedTask, rows: Sequence[tuple[Any, ...]]) -> list[Any]:
     """
     try:
         return _call_once(task, rows)
+    except BatchSetupError as exc:
+        return [exc] * len(rows)  # no item is to blame: splitting would re-run setup() per half
     except Exception as exc:
         if task.isolate_failures and len(rows) > 1:
             mid = len(rows) // 2

@@ -117,7 +117,10 @@ def test_warm_shutdown_finishes_running_batch_and_hands_back_buffer(broker, queu
 def _drop_connections(broker) -> None:
     if broker.name == "redis":
         import redis
-        redis.Redis.from_url(REDIS_URL).execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+        admin = redis.Redis.from_url(REDIS_URL)
+        for _ in range(5):  # a few times, so the kill also lands while a BRPOP is waiting
+            admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+            time.sleep(0.2)
     else:
         subprocess.run(["rabbitmqctl", "close_all_connections", "test: connection drop"],
                        check=True, capture_output=True, timeout=60)
@@ -129,15 +132,17 @@ def test_broker_connection_lost_and_restored(broker, queue, redis_client, start_
     first = send_many(broker, "slow_square", [(i,) for i in range(400)], queue)
     wait_for(lambda: len(runs(redis_client)) >= 60, 30, what="batches before the drop")
     _drop_connections(broker)
-    wait_for(lambda: worker.log().count("Connected to") >= 2, 60, what="the worker to reconnect")
+    # redis-py may reconnect some connections on its own; kombu's lost BRPOP connection makes
+    # Celery restart the consumer. Either way the worker must keep going.
     second = send_many(broker, "slow_square", [(i,) for i in range(400, 600)], queue)
     values = [r.get(timeout=120) for r in first + second]
     assert values == [i * i for i in range(600)]
     counts = runs(redis_client)
     duplicated = sum(1 for c in counts.values() if c > 1)
     assert max(batch_sizes(redis_client)) <= 20
+    restarts = worker.log().count("Connected to") - 1
     report.add("broker connections dropped mid-run", broker.name, 600, len(values), duplicated,
-               "worker reconnected and kept batching")
+               f"kept batching; consumer restarts: {restarts}")
 
 
 def test_time_limits_fail_the_batch_and_worker_stays_healthy(broker, queue, redis_client, start_worker):

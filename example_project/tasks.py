@@ -1,0 +1,48 @@
+"""The example tasks. All of them are routed to the ``gpu`` queue (see ``celery_app``).
+
+* ``batch_add`` -- the seed example: a batched function over lists.
+* ``embed`` -- a class-based batched task: one forward pass of all-MiniLM-L6-v2 per batch.
+* ``embed_one`` -- an ordinary task, one forward pass per item: the baseline ``embed`` beats.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery_batched import BatchedTask
+
+from .celery_app import app
+from .model import encode, get_model
+
+
+@app.task(base=BatchedTask, max_batch_size=2, wait_ms=1000)
+def batch_add(xs: list[int], ys: list[int]) -> list[int]:
+    """``batch_add.delay(1, 300).get() == 301``; the worker calls it with one list per parameter."""
+    print(f"batch_add ran on xs={xs} ys={ys}")
+    return [x + y for x, y in zip(xs, ys)]
+
+
+class Embed(BatchedTask):
+    """``embed.delay("some text").get()`` -> that text's 384 floats (unit length)."""
+
+    name = "example_project.embed"
+    max_batch_size = 32
+    wait_ms = 20
+
+    model: Any = None
+
+    def setup(self) -> None:
+        # Once per worker process, before its first batch: the model stays loaded after that.
+        self.model = get_model()
+
+    def run(self, texts: list[str]) -> list[list[float]]:
+        return encode(self.model, texts)
+
+
+embed = app.register_task(Embed())
+
+
+@app.task(name="example_project.embed_one")
+def embed_one(text: str) -> list[float]:
+    """The same model, one text per task: the one-by-one baseline."""
+    return encode(get_model(), [text])[0]

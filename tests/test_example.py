@@ -1,0 +1,172 @@
+"""example_project end to end: ``embed`` through a real worker, the HTTP API, and the demo.
+
+The worker and this process both point example_project at the test Redis (db 11) through
+CELERY_BROKER_URL / CELERY_RESULT_BACKEND; Celery reads those variables whenever it connects.
+"""
+
+from __future__ import annotations
+
+import celery_batched
+
+import asyncio
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from .workers import ROOT, Worker
+
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/11")  # as conftest's
+ENV = {"CELERY_BROKER_URL": REDIS_URL, "CELERY_RESULT_BACKEND": REDIS_URL,
+       "CELERY_BROKER_TRANSPORT_OPTIONS": "{}"}
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "A fast auburn fox leaps above a sleepy hound.",
+    "Quarterly revenue grew by twelve percent.",
+    "How do I reset my password?",
+    "Photosynthesis turns sunlight into chemical energy.",
+    "Ich habe heute keine Zeit.",
+]
+
+
+@pytest.fixture
+def example_app(monkeypatch: pytest.MonkeyPatch, redis_client: Any) -> Iterator[Any]:
+    """example_project's app, pointed at the (flushed) test Redis in this process."""
+    for key, value in ENV.items():
+        monkeypatch.setenv(key, value)
+    from example_project import app, config_from_env
+
+    app.conf.update(config_from_env())
+    assert app.conf.broker_url == REDIS_URL and app.conf.result_backend == REDIS_URL
+    yield app
+
+
+@pytest.fixture(scope="module")
+def model() -> Any:
+    """The model itself, loaded in this process: what the worker's results must match."""
+    from example_project.model import load_model
+
+    return load_model()
+
+
+@pytest.fixture
+def worker(example_app: Any, start_worker: Any) -> Worker:
+    return start_worker("example_project", queues="gpu", pool="prefork", concurrency=1, env=ENV)
+
+
+def batching_stats(app: Any, worker: Worker) -> dict[str, Any]:
+    replies = celery_batched.batching_stats(app, timeout=10, destination=[worker.hostname])
+    assert replies, "no batching_stats reply from the worker"
+    return replies[worker.hostname]  # type: ignore[no-any-return]
+
+
+def cosine(u: Sequence[float], v: Sequence[float]) -> float:
+    a, b = np.asarray(u, dtype=np.float64), np.asarray(v, dtype=np.float64)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def assert_same_vectors(got: Sequence[Sequence[float]], expected: Sequence[Sequence[float]]) -> None:
+    """Every vector is 384-d, unit length, and matches its own text's vector, no other's."""
+    g, e = np.asarray(got, dtype=np.float64), np.asarray(expected, dtype=np.float64)
+    assert g.shape == e.shape == (len(expected), 384)
+    np.testing.assert_allclose(np.linalg.norm(g, axis=1), 1.0, atol=1e-4)
+    sims = (g / np.linalg.norm(g, axis=1, keepdims=True)) @ (e / np.linalg.norm(e, axis=1, keepdims=True)).T
+    own = np.diag(sims)
+    assert own.min() > 0.999, f"item {int(own.argmin())}: cosine {own.min()} with the direct model call"
+    assert (sims.argmax(axis=1) == np.arange(len(got))).all(), "an item got another item's vector"
+
+
+def test_embed_through_a_worker_matches_the_model_and_batches(example_app: Any, worker: Worker,
+                                                              model: Any) -> None:
+    from example_project.demo import make_sentences
+    from example_project.model import encode
+    from example_project.tasks import embed
+
+    assert embed.delay(TEXTS[0]).get(timeout=120) is not None  # the first batch loads the model
+
+    texts = TEXTS + make_sentences(90)
+    results = [embed.delay(text) for text in texts]  # sent at once
+    vectors = [r.get(timeout=120) for r in results]
+
+    assert_same_vectors(vectors, encode(model, texts))
+    stats = batching_stats(example_app, worker)["example_project.embed"]
+    sizes = {int(size): n for size, n in stats["batch_sizes"].items()}
+    assert stats["items"] == 1 + len(texts)
+    assert max(sizes) > 1 and max(sizes) <= 32, sizes
+    assert stats["batches"] < len(texts) // 4, sizes  # 96 items sent at once: mostly full batches
+
+
+def test_http_api_batches_concurrent_requests(example_app: Any, worker: Worker, model: Any) -> None:
+    from example_project.model import encode
+    from example_project.web import api
+
+    async def scenario() -> tuple[list[httpx.Response], httpx.Response, int]:
+        ticks = 0
+
+        async def ticker() -> None:  # runs only while the handlers leave the loop free
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        tick_task = asyncio.create_task(ticker())
+        transport = httpx.ASGITransport(app=api)
+        async with httpx.AsyncClient(transport=transport, base_url="http://example") as client:
+            adds = await asyncio.gather(*(client.post("/add", json={"x": x, "y": y})
+                                          for x, y in [(1, 300), (2, 200), (3, 100)]))
+            add_ticks = ticks
+            embedded = await client.post("/embed", json={"text": TEXTS[2]})
+        tick_task.cancel()
+        return adds, embedded, add_ticks
+
+    started = time.monotonic()
+    adds, embedded, ticks = asyncio.run(scenario())
+
+    assert [r.status_code for r in adds] == [200, 200, 200], [r.text for r in adds]
+    assert [r.json() for r in adds] == [{"result": 301}, {"result": 202}, {"result": 103}]
+    # The lone third item waits wait_ms=1000 in the worker; the loop kept ticking meanwhile.
+    assert ticks >= 30, f"the event loop was blocked: {ticks} ticks of 10 ms"
+    stats = batching_stats(example_app, worker)["example_project.tasks.batch_add"]
+    assert stats["batches"] == 2 and stats["batch_sizes"] == {"2": 1, "1": 1}, stats
+    ran = re.findall(r"batch_add ran on xs=(\[[^\]]*\]) ys=(\[[^\]]*\])", worker.log())
+    assert len(ran) == 2 and sorted(len(json.loads(xs)) for xs, _ in ran) == [1, 2], ran
+
+    assert embedded.status_code == 200, embedded.text
+    vector = embedded.json()["embedding"]
+    assert len(vector) == 384
+    assert cosine(vector, encode(model, [TEXTS[2]])[0]) > 0.999
+    assert time.monotonic() - started < 120
+
+
+def test_demo_runs_end_to_end_without_a_server() -> None:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("CELERY_BROKER_URL", "CELERY_RESULT_BACKEND", "CELERY_BROKER_TRANSPORT_OPTIONS")}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "example_project.demo", "--sentences", "64", "--one-by-one", "16"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    elapsed = time.monotonic() - started
+    out = proc.stdout
+    assert proc.returncode == 0, out + proc.stderr
+
+    assert "filesystem-atomic://" in out
+    assert "batch_add ran on xs=[1, 2] ys=[300, 200]" in out
+    assert "batch_add ran on xs=[3] ys=[100]" in out
+    assert "2 executions for 3 items" in out
+    for line in ("1 + 300 = 301", "2 + 200 = 202", "3 + 100 = 103"):
+        assert line in out
+    batches = re.search(r"batches embed ran: (\d+) for 64 sentences", out)
+    assert batches and int(batches.group(1)) < 64, out  # batched: fewer calls than items
+    assert re.search(r"embed .*64/64 in [\d.]+s = [\d,]+ items/s", out), out
+    assert re.search(r"embed_one .*16/16 in [\d.]+s = [\d,]+ items/s", out), out
+    assert "stopped (exit status 0)" in out
+    assert elapsed < 120, f"the demo took {elapsed:.0f}s"
