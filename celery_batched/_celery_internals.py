@@ -31,7 +31,13 @@ def pool_item(req: Any) -> tuple[str, dict[str, Any], Sequence[Any], dict[str, A
     ``embed`` (callbacks, errbacks, chain, chord) lives in the decoded body, which Request keeps
     in ``_payload``; ``Request.execute_using_pool`` sends the raw body instead (Celery 5.5-5.7).
     """
-    return (req.id, req.request_dict, req.args, req.kwargs, req._payload[2])
+    # 'properties' repeats fields the dict has on its own (reply_to, correlation_id,
+    # delivery_info) and nothing in a task's Context reads it; args/kwargs travel once.
+    request = {k: v for k, v in req.request_dict.items() if k not in _NOT_SENT}
+    return (req.id, request, req.args, req.kwargs, req._payload[2])
+
+
+_NOT_SENT = frozenset(("properties", "args", "kwargs"))
 
 
 def make_context(request_dict: dict[str, Any], args: Sequence[Any], kwargs: dict[str, Any],
@@ -144,10 +150,10 @@ def store_results(task: Task, entries: Sequence[StoreEntry], state: str,
     keys: list[bytes | str] = []
     values: list[Any] = []
     positions: list[int] = []
+    result_meta = _result_meta_factory(backend, state)
     for i, (task_id, value, ctx) in enumerate(entries):
         try:
-            meta = backend._get_result_meta(result=backend.encode_result(value, state), state=state,
-                                            traceback=None, request=ctx)
+            meta = result_meta(backend.encode_result(value, state), ctx)
             meta["task_id"] = bytes_to_str(task_id)
             encoded = backend.encode(meta)
         except Exception as exc:
@@ -165,7 +171,7 @@ def store_results(task: Task, entries: Sequence[StoreEntry], state: str,
                 if not (cur and backend.decode_result(cur).get("status") == states.SUCCESS)]
         if RedisBackend is not None and isinstance(backend, RedisBackend):
             expires = backend.expires
-            with backend.client.pipeline() as pipe:
+            with backend.client.pipeline(transaction=False) as pipe:
                 for key, value in todo:
                     if expires:
                         pipe.setex(key, expires, value)
@@ -184,6 +190,29 @@ def store_results(task: Task, entries: Sequence[StoreEntry], state: str,
             on_error(i, exc)
 
 
+def _result_meta_factory(backend: Any, state: str) -> Callable[[Any, Context], dict[str, Any]]:
+    """``backend._get_result_meta`` for a whole batch.
+
+    Without ``result_extended`` the meta only varies in result, group and parent: build it
+    directly, with one ``date_done`` for the batch (they finish together). Mirrors
+    ``celery.backends.base.Backend._get_result_meta`` (Celery 5.5-5.7).
+    """
+    if backend.app.conf.find_value_for_key("extended", "result"):
+        return lambda result, ctx: backend._get_result_meta(result=result, state=state,
+                                                            traceback=None, request=ctx)
+    date_done = backend.app.now().isoformat() if state in backend.READY_STATES else None
+
+    def meta(result: Any, ctx: Context) -> dict[str, Any]:
+        out = {"status": state, "result": result, "traceback": None,
+               "children": backend.current_task_children(ctx), "date_done": date_done}
+        if getattr(ctx, "group", None):
+            out["group_id"] = ctx.group
+        if getattr(ctx, "parent_id", None):
+            out["parent_id"] = ctx.parent_id
+        return out
+    return meta
+
+
 def _has_mget(backend: BaseKeyValueStoreBackend) -> bool:
     return type(backend).mget is not BaseKeyValueStoreBackend.mget
 
@@ -193,43 +222,3 @@ def ignores_result(task: Task, ctx: Context) -> bool:
     value = ctx.__dict__.get("ignore_result")
     return bool(task.ignore_result if value is None else value)
 
-
-def ack_many(requests: Sequence[Any]) -> None:
-    """Acknowledge many requests' messages; on kombu's Redis transport in one round trip.
-
-    kombu's Redis ``QoS.ack`` runs one pipeline (ZREM + HDEL of the unacked index) per message;
-    this runs one pipeline for all, then does the rest of ``QoS.ack`` (kombu 5.5-5.7) and what
-    ``Message.ack`` / ``Request.acknowledge`` record, so those stay no-ops afterwards. Other
-    transports (AMQP acks cost no round trip) use ``Request.acknowledge`` as usual.
-    """
-    pending = [req for req in requests if not req.acknowledged]
-    if not pending:
-        return
-    messages = [req._message for req in pending]
-    channel = messages[0].channel
-    qos = getattr(channel, "qos", None)
-    if (_RedisQoS is None or not isinstance(qos, _RedisQoS)
-            or any(m.channel is not channel or m.acknowledged for m in messages)):
-        for req in pending:
-            req.acknowledge()
-        return
-    try:
-        with qos.pipe_or_acquire() as pipe:
-            for m in messages:
-                qos._remove_from_indices(m.delivery_tag, pipe)
-            pipe.execute()
-    except Exception:  # connection trouble: let each ack try (and log) on its own
-        for req in pending:
-            req.acknowledge()
-        return
-    for req, m in zip(pending, messages):
-        _VirtualQoS.ack(qos, m.delivery_tag)
-        m._state = "ACK"
-        req.acknowledged = True
-
-
-try:
-    from kombu.transport.redis import QoS as _RedisQoS
-    from kombu.transport.virtual.base import QoS as _VirtualQoS
-except ImportError:  # pragma: no cover
-    _RedisQoS = None  # type: ignore[assignment,misc]

@@ -16,6 +16,7 @@ from celery.utils.log import get_logger
 from celery.worker.control import inspect_command
 from celery.worker.state import task_ready
 
+from ._kombu_redis import install_bulk_fetch
 from .buffer import BatchBuffer, PrefetchCredit
 from .dispatch import BatchDispatcher
 
@@ -40,6 +41,8 @@ class BatchingStep(bootsteps.StartStopStep):
 
     def start(self, c: Any) -> None:
         self.buffers = {}
+        if c.app.conf.get("batching_redis_bulk_fetch", True) and c.task_consumer is not None:
+            install_bulk_fetch(c.task_consumer.channel)
         eventer = c.event_dispatcher
         self._dispatcher = BatchDispatcher(
             c.pool, c.hostname, send_repr=bool(eventer and eventer.enabled),
@@ -51,8 +54,10 @@ class BatchingStep(bootsteps.StartStopStep):
             spec = task._batch_spec
             c = self.consumer
             slots = getattr(c.pool, "num_processes", None) or getattr(c.pool, "limit", None) or 1
-            # One batch filling while each pool slot runs one: enough to keep the pool busy.
-            credit = PrefetchCredit(c.qos, cap=spec.max_batch_size * (slots + 1))
+            # Each pool slot running a batch, one waiting for a slot, one filling: the pool
+            # never waits on the broker, and the worker never holds the whole queue.
+            credit = PrefetchCredit(c.qos, cap=spec.max_batch_size * (slots + 2),
+                                    headroom=spec.max_batch_size)
             assert self._dispatcher is not None
             buffer = self.buffers[task.name] = BatchBuffer(spec, c.timer, credit, self._dispatcher)
             self._check_visibility_timeout(task)

@@ -34,13 +34,16 @@ class PrefetchCredit:
     Celery sizes prefetch for one message per pool slot (times ``worker_prefetch_multiplier``);
     a batch needs ``max_batch_size`` messages in the worker at once. Each held message (buffered,
     or in a batch that hasn't finished) lifts the prefetch count by one -- as Celery does for ETA
-    tasks -- so the broker keeps the buffer filling, until ``cap`` messages are held: from then
-    on, unacknowledged messages stay bounded by ``cap`` plus Celery's own prefetch.
+    tasks -- plus ``headroom`` (a batch) once anything was held, so a whole batch can arrive at
+    once; until ``cap`` is reached: unacknowledged messages stay bounded by ``cap`` plus Celery's
+    own prefetch.
     """
 
-    def __init__(self, qos: QoSLike | None, cap: int) -> None:
+    def __init__(self, qos: QoSLike | None, cap: int, headroom: int = 0) -> None:
         self.qos = qos
         self.cap = cap
+        self.headroom = headroom
+        self._used = False
         self.held = 0
         self._credits = 0
         self._lock = threading.Lock()
@@ -48,6 +51,7 @@ class PrefetchCredit:
     def hold(self, n: int = 1) -> None:
         with self._lock:
             self.held += n
+            self._used = True
             self._settle()
 
     def release(self, n: int) -> None:
@@ -59,7 +63,7 @@ class PrefetchCredit:
         qos = self.qos
         if qos is None:
             return
-        want = min(self.held, self.cap)
+        want = min(self.held + (self.headroom if self._used else 0), self.cap)
         if want > self._credits:
             before = qos.value
             qos.increment_eventually(want - self._credits)

@@ -13,7 +13,8 @@ from typing import Any
 
 from celery.utils.log import get_logger
 
-from ._celery_internals import ack_many, pool_item
+from ._celery_internals import pool_item
+from ._kombu_redis import ack_many
 from .buffer import PrefetchCredit
 from .execution import execute_batch
 
