@@ -20,8 +20,6 @@ Options: ``--sentences N`` (batched, default 256), ``--one-by-one N`` (default 6
 
 from __future__ import annotations
 
-import celery_batched
-
 import argparse
 import json
 import os
@@ -42,6 +40,8 @@ from typing import Any
 
 from celery import states
 from kombu.exceptions import DecodeError
+
+import celery_batched
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SEED_ITEMS = [(1, 300), (2, 200), (3, 100)]

@@ -6,8 +6,6 @@ CELERY_BROKER_URL / CELERY_RESULT_BACKEND; Celery reads those variables whenever
 
 from __future__ import annotations
 
-import celery_batched
-
 import asyncio
 import json
 import os
@@ -21,6 +19,8 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+
+import celery_batched
 
 from .workers import ROOT, Worker
 
