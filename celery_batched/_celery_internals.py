@@ -22,7 +22,7 @@ _HOSTNAME = socket.gethostname()
 try:  # redis is a declared dependency, but any Celery backend must work without it imported.
     from celery.backends.redis import RedisBackend
 except ImportError:  # pragma: no cover
-    RedisBackend = None  # type: ignore[assignment,misc]
+    RedisBackend = None
 
 
 def pool_item(req: Any) -> tuple[str, dict[str, Any], Sequence[Any], dict[str, Any], dict[str, Any] | None]:
@@ -66,7 +66,8 @@ def dispatch_callbacks_and_chain(task: Task, retval: Any, ctx: Context) -> None:
     priority = (ctx.delivery_info or {}).get("priority") if app.conf.task_inherit_parent_priority else None
     publish = app.amqp._retry_publish
     if callbacks:
-        sigs, groups = [], []
+        sigs: list[Any] = []
+        groups: list[Any] = []
         for sig in callbacks:
             sig = signature(sig, app=app)
             (groups if isinstance(sig, group) else sigs).append(sig)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from queue import Empty  # what kombu's Redis _brpop_read raises for an empty reply
 from collections.abc import Sequence
 from typing import Any
 
@@ -72,13 +73,13 @@ def install_bulk_fetch(channel: Any) -> bool:
                 channel.client.connection.disconnect()
                 raise
             if not dest_item:
-                raise kombu_redis.Empty()
+                raise Empty()
             dest, item = dest_item
             dest = bytes_to_str(dest).rsplit(channel.sep, 1)[0]
             channel._queue_cycle.rotate(dest)
             channel.connection._deliver(loads(bytes_to_str(item)), dest)
         finally:
-            channel._in_poll = None
+            channel._in_poll = None  # type: ignore[assignment]  # kombu's hint says bool; it stores None
             flush_reauth = getattr(channel, "_flush_brpop_reauth", None)
             if flush_reauth is not None:
                 flush_reauth()

@@ -70,10 +70,10 @@ def finish_items(task: BatchedTask, contexts: Sequence[Context], outcomes: Seque
                   states.SUCCESS, on_store_error)
     for i in bulk:
         if i in unencodable:
-            exc = unencodable[i]
+            cause = unencodable[i]
             failures.append((i, ItemResultEncodeError(
                 f"{task.name}: the result for this item could not be stored: "
-                f"{type(exc).__name__}: {exc}. Return a value the result serializer "
+                f"{type(cause).__name__}: {cause}. Return a value the result serializer "
                 f"({task.backend.serializer}) can encode.")))
         else:
             succeeded.append(i)

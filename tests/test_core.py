@@ -226,6 +226,17 @@ def test_autoretry_is_per_item(redis_client, queue, start_worker):
     assert int(redis_client.get("tries:4:d")) == 3
 
 
+def test_retry_backoff_is_honoured_per_item(redis_client, queue, start_worker):
+    start_worker(APP, queues=queue)
+    result = calc.backoff.apply_async(("k",), queue=queue)
+    assert result.get(timeout=20) == "ok:k"
+    tries = [float(t) for t in redis_client.lrange("tries-at:k", 0, -1)]
+    assert len(tries) == 3
+    # retry_backoff=1 without jitter: countdowns of 1 s, then 2 s -- no spinning.
+    assert tries[1] - tries[0] >= 0.95
+    assert tries[2] - tries[1] >= 1.95
+
+
 def test_function_can_ask_to_retry_an_item(redis_client, queue, start_worker):
     start_worker(APP, queues=queue)
     results = [calc.asks_retry.apply_async((k,), queue=queue) for k in ["x", "y"]]

@@ -156,3 +156,14 @@ def plain_add(x: int, y: int) -> int:
 @app.task
 def collect(value: object, key: str) -> None:
     _redis.rpush(key, json.dumps(value))
+
+
+@app.task(base=BatchedTask, max_batch_size=10, wait_ms=50, autoretry_for=(KeyError,),
+          max_retries=3, retry_backoff=1, retry_jitter=False)
+def backoff(keys: list[str]) -> list[object]:
+    """Fails each item with KeyError on its first two tries; records when each try ran."""
+    out: list[object] = []
+    for key in keys:
+        _redis.rpush(f"tries-at:{key}", time.time())
+        out.append(KeyError(key) if _redis.llen(f"tries-at:{key}") < 3 else f"ok:{key}")
+    return out
