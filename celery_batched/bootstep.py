@@ -46,20 +46,21 @@ class BatchingStep(bootsteps.StartStopStep):
         eventer = c.event_dispatcher
         self._dispatcher = BatchDispatcher(
             c.pool, c.hostname, send_repr=bool(eventer and eventer.enabled),
-            on_batch=self._count_batch)
+            on_batch=self._count_batch, on_slot_free=self._flush_due, slots=_pool_slots(c.pool))
 
     def buffer_for(self, task: Any) -> BatchBuffer:
         buffer = self.buffers.get(task.name)
         if buffer is None:
             spec = task._batch_spec
             c = self.consumer
-            slots = getattr(c.pool, "num_processes", None) or getattr(c.pool, "limit", None) or 1
+            slots = _pool_slots(c.pool)
             # Each pool slot running a batch, one waiting for a slot, one filling: the pool
             # never waits on the broker, and the worker never holds the whole queue.
             credit = PrefetchCredit(c.qos, cap=spec.max_batch_size * (slots + 2),
                                     headroom=spec.max_batch_size)
             assert self._dispatcher is not None
-            buffer = self.buffers[task.name] = BatchBuffer(spec, c.timer, credit, self._dispatcher)
+            buffer = self.buffers[task.name] = BatchBuffer(
+                spec, c.timer, credit, self._dispatcher, pool_busy=self._dispatcher.pool_busy)
             self._check_visibility_timeout(task)
         return buffer
 
@@ -96,6 +97,10 @@ class BatchingStep(bootsteps.StartStopStep):
     def shutdown(self, c: Any) -> None:
         self.stop(c)
 
+    def _flush_due(self) -> None:
+        for buffer in list(self.buffers.values()):
+            buffer.flush_if_due()
+
     def _count_batch(self, task_name: str, size: int) -> None:
         self.batch_sizes.setdefault(task_name, Counter())[size] += 1
 
@@ -114,6 +119,11 @@ class BatchingStep(bootsteps.StartStopStep):
                 "held": buffer.credit.held if buffer else 0,
             }
         return out
+
+
+def _pool_slots(pool: Any) -> int:
+    """How many batches the pool runs at once: prefork processes, threads, or 1 (solo)."""
+    return int(getattr(pool, "num_processes", None) or getattr(pool, "limit", None) or 1)
 
 
 @inspect_command()

@@ -75,17 +75,25 @@ class PrefetchCredit:
 
 
 class BatchBuffer:
-    """Collects one batched task's requests and hands full or timed-out batches to ``flush``."""
+    """Collects one batched task's requests and hands full or timed-out batches to ``flush``.
+
+    One refinement of the time rule: if every pool process is busy when ``wait_ms`` expires, the
+    partial batch couldn't start anyway, so it keeps filling until a process is free
+    (``flush_if_due``) or it is full. Under load this gives bigger batches at no latency cost.
+    """
 
     def __init__(self, spec: BatchSpec, timer: TimerLike, credit: PrefetchCredit,
-                 flush: Callable[[list[Any], PrefetchCredit], None]) -> None:
+                 flush: Callable[[list[Any], PrefetchCredit], None],
+                 pool_busy: Callable[[], bool] = lambda: False) -> None:
         self.spec = spec
         self.credit = credit
         self._timer = timer
         self._flush = flush
+        self._pool_busy = pool_busy
         self._items: list[Any] = []
         self._generation = 0
         self._timer_entry: Any = None
+        self._due = False
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -109,16 +117,29 @@ class BatchBuffer:
         with self._lock:
             return self._take()
 
+    def flush_if_due(self) -> None:
+        """A pool process became free: run the partial batch whose wait is over."""
+        with self._lock:
+            if not (self._due and self._items) or self._pool_busy():
+                return
+            batch = self._take()
+        self._flush(batch, self.credit)
+
     def _on_timer(self, generation: int) -> None:
         with self._lock:
             if generation != self._generation or not self._items:
                 return  # flushed by size since this timer was set
+            self._timer_entry = None
+            if self._pool_busy():
+                self._due = True
+                return
             batch = self._take()
         self._flush(batch, self.credit)
 
     def _take(self) -> list[Any]:
         # put() flushes at max_batch_size, so the buffer never holds more than one batch.
         batch, self._items = self._items, []
+        self._due = False
         self._generation += 1
         if self._timer_entry is not None:
             self._timer_entry.cancel()

@@ -8,6 +8,7 @@ events (Flower), ``inspect active``, worker-lost and time-limit handling are Cel
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -24,11 +25,13 @@ logger = get_logger(__name__)
 class BatchJob:
     """The pool callbacks of one batch: fan each one out to the batch's requests."""
 
-    __slots__ = ("requests", "credit")
+    __slots__ = ("requests", "credit", "finished")
 
-    def __init__(self, requests: Sequence[Any], credit: PrefetchCredit) -> None:
+    def __init__(self, requests: Sequence[Any], credit: PrefetchCredit,
+                 finished: Callable[[], None]) -> None:
         self.requests = requests
         self.credit = credit
+        self.finished = finished
 
     def on_accepted(self, pid: int, time_accepted: float) -> None:
         for req in self.requests:
@@ -65,6 +68,7 @@ class BatchJob:
 
     def _finished(self) -> None:
         self.credit.release(len(self.requests))
+        self.finished()
 
 
 def _guard(handler: Callable[..., Any], *args: Any) -> None:
@@ -79,11 +83,25 @@ class BatchDispatcher:
     """Turns a flushed batch into one pool job."""
 
     def __init__(self, pool: Any, hostname: str, send_repr: bool,
-                 on_batch: Callable[[str, int], None]) -> None:
+                 on_batch: Callable[[str, int], None], on_slot_free: Callable[[], None],
+                 slots: int) -> None:
         self.pool = pool
         self.hostname = hostname
         self.send_repr = send_repr
         self.on_batch = on_batch
+        self.on_slot_free = on_slot_free
+        self.slots = slots
+        self.in_flight = 0
+        self._lock = threading.Lock()
+
+    def pool_busy(self) -> bool:
+        """Every pool process has a batch (running or queued for it)."""
+        return self.in_flight >= self.slots
+
+    def _job_finished(self) -> None:
+        with self._lock:
+            self.in_flight -= 1
+        self.on_slot_free()
 
     def __call__(self, batch: list[Any], credit: PrefetchCredit) -> None:
         live = [req for req in batch if not req.revoked()]  # revoked()/expired: marked REVOKED, acked
@@ -93,7 +111,9 @@ class BatchDispatcher:
             return
         task = live[0].task
         items = [pool_item(req) for req in live]
-        job = BatchJob(live, credit)
+        job = BatchJob(live, credit, self._job_finished)
+        with self._lock:
+            self.in_flight += 1
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("celery_batched: %s: batch of %d", task.name, len(live))
         self.on_batch(task.name, len(live))
@@ -115,3 +135,5 @@ class BatchDispatcher:
             for req in live:
                 req.reject(requeue=True)
             credit.release(len(live))
+            with self._lock:
+                self.in_flight -= 1

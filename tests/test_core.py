@@ -63,6 +63,18 @@ def test_time_flush_counts_from_first_item(redis_client, queue, start_worker):
     assert 0.95 <= run["t"] - t_first < 1.35
 
 
+def test_partial_batch_keeps_filling_while_the_pool_is_busy(redis_client, queue, start_worker):
+    start_worker(APP, queues=queue, pool="prefork", concurrency=1)
+    first = calc.slow_batch.apply_async((0,), queue=queue)
+    time.sleep(0.2)  # batch [0] is running for 0.6 s
+    rest = []
+    for i in range(1, 11):  # over 0.2 s: each wait_ms (50) expires while the pool is busy
+        rest.append(calc.slow_batch.apply_async((i,), queue=queue))
+        time.sleep(0.02)
+    assert [r.get(timeout=10) for r in [first, *rest]] == list(range(11))
+    assert [r["xs"] for r in execs(redis_client, "slow_batch")] == [[0], list(range(1, 11))]
+
+
 def test_burst_of_1000_never_exceeds_max_batch_size(redis_client, queue, start_worker):
     start_worker(APP, queues=queue)
     results = [calc.burst.apply_async((i,), queue=queue) for i in range(1000)]

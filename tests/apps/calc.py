@@ -167,3 +167,10 @@ def backoff(keys: list[str]) -> list[object]:
         _redis.rpush(f"tries-at:{key}", time.time())
         out.append(KeyError(key) if _redis.llen(f"tries-at:{key}") < 3 else f"ok:{key}")
     return out
+
+
+@app.task(base=BatchedTask, max_batch_size=100, wait_ms=50)
+def slow_batch(xs: list[int]) -> list[int]:
+    time.sleep(0.6)
+    record("slow_batch", xs=xs)
+    return xs
