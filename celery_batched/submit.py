@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from celery import signals
-from celery.result import AsyncResult
+from celery.result import AsyncResult, ResultSet
 from celery.utils.nodenames import anon_nodename
 from kombu.utils.uuid import uuid
 
@@ -29,13 +29,18 @@ _MESSAGE_OPTIONS = ("countdown", "eta", "expires", "time_limit", "soft_time_limi
 
 
 def starmap_items(task: BatchedTask, items: Iterable[Sequence[Any] | Mapping[str, Any]],
-                  **options: Any) -> list[AsyncResult]:
-    """Send one message per item (a tuple of positional args, or a dict of keyword args)."""
+                  **options: Any) -> ResultSet:
+    """Send one message per item (a tuple of positional args, or a dict of keyword args).
+
+    Returns a ``ResultSet`` of the items' ``AsyncResult``s in order (index it, iterate it, or
+    ``.get()`` all values: on Redis that reads finished results with MGET, ~5x faster than
+    calling ``.get()`` on each).
+    """
     app = task.app
     if _needs_full_apply_async(task, options):
         with app.producer_or_acquire() as producer:
-            return [task.apply_async(*_split(item), producer=producer, **options)
-                    for item in items]
+            return ResultSet([task.apply_async(*_split(item), producer=producer, **options)
+                              for item in items], app=app)
 
     spec = task._batch_spec
     amqp = app.amqp
@@ -71,7 +76,7 @@ def starmap_items(task: BatchedTask, items: Iterable[Sequence[Any] | Mapping[str
                     headers=message.headers, priority=priority, declare=None,
                     retry=True, **message.properties)
                 results.append(AsyncResult(task_id, backend=backend, task_name=task.name, app=app))
-    return results
+    return ResultSet(results, app=app)
 
 
 def _split(item: Sequence[Any] | Mapping[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
 from celery import Celery, Task
-from celery.result import AsyncResult
+from celery.result import ResultSet
 
 from .outcomes import RetryItem
 from .spec import DEFAULT_MAX_BATCH_SIZE, DEFAULT_WAIT_MS, BatchSpec
@@ -59,8 +59,8 @@ class BatchedTask(Task):
         """Prepare this worker process for batches (load a model, open a client). Runs once."""
 
     def starmap_items(self, items: Iterable[Sequence[Any] | Mapping[str, Any]],
-                      **options: Any) -> list[AsyncResult]:
-        """Send many items at once; one ``AsyncResult`` per item, in order.
+                      **options: Any) -> ResultSet:
+        """Send many items at once; a ``ResultSet`` with one ``AsyncResult`` per item, in order.
 
         Each item is a tuple of positional arguments or a dict of keyword arguments.
         ``options``: ``queue``, ``priority``, ``countdown``, ``eta``, ``expires``, time limits,
@@ -71,7 +71,7 @@ class BatchedTask(Task):
 
         return starmap_items(self, items, **options)
 
-    def map_items(self, values: Iterable[Any], **options: Any) -> list[AsyncResult]:
+    def map_items(self, values: Iterable[Any], **options: Any) -> ResultSet:
         """``starmap_items`` for a function of one parameter: one value per item."""
         return self.starmap_items(((v,) for v in values), **options)
 

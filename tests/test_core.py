@@ -308,7 +308,9 @@ def test_eager_mode_runs_a_batch_of_one():
 def test_bulk_submit_returns_results_in_order(redis_client, queue, start_worker):
     start_worker(APP, queues=queue)
     results = calc.burst.map_items(range(300), queue=queue)
-    assert [r.get(timeout=30) for r in results] == [i + 1 for i in range(300)]
+    assert results.get(timeout=30) == [i + 1 for i in range(300)]
+    assert [r.get(timeout=5) for r in results] == [i + 1 for i in range(300)]
+    assert results[7].get(timeout=5) == 8 and len(results) == 300
     mixed = calc.batch_add.starmap_items([(1, 2), {"xs": 3, "ys": 4}], queue=queue)
     assert [r.get(timeout=10) for r in mixed] == [3, 7]
 
