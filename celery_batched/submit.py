@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from celery import signals
 from celery.result import AsyncResult, ResultSet
 from celery.utils.nodenames import anon_nodename
+from celery.utils.saferepr import saferepr
 from kombu.utils.uuid import uuid
 
 from .errors import ItemArgumentsError
@@ -28,19 +29,32 @@ _MESSAGE_OPTIONS = ("countdown", "eta", "expires", "time_limit", "soft_time_limi
                     "ignore_result", "shadow")
 
 
-def starmap_items(task: BatchedTask, items: Iterable[Sequence[Any] | Mapping[str, Any]],
-                  **options: Any) -> ResultSet:
-    """Send one message per item (a tuple of positional args, or a dict of keyword args).
+class ItemResults(list[AsyncResult]):
+    """The items' ``AsyncResult``s, in order; ``.get()`` collects every value at once.
 
-    Returns a ``ResultSet`` of the items' ``AsyncResult``s in order (index it, iterate it, or
-    ``.get()`` all values: on Redis that reads finished results with MGET, ~5x faster than
-    calling ``.get()`` on each).
+    A plain list, so sending subscribes to nothing: a celery ``ResultSet`` built up front would
+    subscribe to each result's channel while sending. ``.get()`` builds one then, which on Redis
+    reads finished results with one MGET -- ~2.5x faster than ``.get()`` on each.
     """
+
+    def __init__(self, results: Iterable[AsyncResult], app: Any) -> None:
+        super().__init__(results)
+        self.app = app
+
+    def get(self, timeout: float | None = None, propagate: bool = True,
+            **kwargs: Any) -> list[Any]:
+        return ResultSet(list(self), app=self.app).get(timeout=timeout, propagate=propagate,
+                                                       **kwargs)
+
+
+def starmap_items(task: BatchedTask, items: Iterable[Sequence[Any] | Mapping[str, Any]],
+                  **options: Any) -> ItemResults:
+    """Send one message per item (a tuple of positional args, or a dict of keyword args)."""
     app = task.app
     if _needs_full_apply_async(task, options):
         with app.producer_or_acquire() as producer:
-            return ResultSet([task.apply_async(*_split(item), producer=producer, **options)
-                              for item in items], app=app)
+            return ItemResults([task.apply_async(*_split(item), producer=producer, **options)
+                                for item in items], app)
 
     spec = task._batch_spec
     amqp = app.amqp
@@ -54,8 +68,19 @@ def starmap_items(task: BatchedTask, items: Iterable[Sequence[Any] | Mapping[str
     subscribe = _backend_needs_on_task_call(backend)
 
     results: list[AsyncResult] = []
+    serializer, compression = task.serializer, app.conf.task_compression
     with app.producer_or_acquire() as producer:
         producer.maybe_declare(queue)
+        # What Producer.publish does before Producer._publish, done once, not per message
+        # (kombu 5.5-5.7): resolve the delivery mode; serialization stays per message below.
+        _, delivery_mode = producer._delivery_details("", None)
+        prepare, publish = producer._prepare, producer._publish
+        # One message from Celery's own amqp.as_task_v2; the others copy it and change only
+        # what differs per item: id, root_id, the args' reprs, the body.
+        template = amqp.as_task_v2("", task.name, (), {}, origin=origin, **message_options)
+        _, _, embed = template.body
+        maxsize = amqp.argsrepr_maxsize, amqp.kwargsrepr_maxsize
+        maxlevels = app.conf.task_repr_maxlevels
         with producer.batch(PUBLISH_BATCH_SIZE):
             for index, item in enumerate(items):
                 args, kwargs = _split(item)
@@ -64,19 +89,37 @@ def starmap_items(task: BatchedTask, items: Iterable[Sequence[Any] | Mapping[str
                 except ItemArgumentsError as exc:
                     raise ItemArgumentsError(f"item {index}: {exc}") from None
                 task_id = uuid()
-                message = amqp.as_task_v2(task_id, task.name, args, kwargs, origin=origin,
-                                          **message_options)
+                headers = {**template.headers, "id": task_id, "root_id": task_id,
+                           "argsrepr": _repr(args, maxsize[0], maxlevels),
+                           "kwargsrepr": _repr(kwargs, maxsize[1], maxlevels) if kwargs else "{}"}
                 if subscribe:
                     backend.on_task_call(producer, task_id)
-                producer.publish(
-                    # The default exchange delivers straight to the named queue on AMQP and
-                    # Redis alike, without a per-message binding lookup on Redis.
-                    message.body, exchange="", routing_key=queue.name,
-                    serializer=task.serializer, compression=app.conf.task_compression,
-                    headers=message.headers, priority=priority, declare=None,
-                    retry=True, **message.properties)
+                body, content_type, content_encoding = prepare(
+                    (args, kwargs, embed), serializer, None, None, compression, headers)
+                # The default exchange delivers straight to the named queue on AMQP and Redis
+                # alike, without a per-message binding lookup on Redis.
+                publish(body, priority, content_type, content_encoding, headers,
+                        {**template.properties, "correlation_id": task_id,
+                         "delivery_mode": delivery_mode}, queue.name, False, False, "", None)
                 results.append(AsyncResult(task_id, backend=backend, task_name=task.name, app=app))
-    return ResultSet(results, app=app)
+    return ItemResults(results, app)
+
+
+_PLAIN = frozenset((int, float, bool, type(None)))
+
+
+def _repr(value: Any, maxsize: int, maxlevels: int) -> str:
+    """Celery's ``saferepr`` of the arguments; plain ``repr`` when that is the same and short.
+
+    ``saferepr`` streams and truncates, which costs a quarter of a bulk submit for the small
+    scalar arguments most items have.
+    """
+    parts = value.values() if isinstance(value, dict) else value
+    if all(type(v) in _PLAIN or (type(v) is str and len(v) < 256) for v in parts):
+        text = repr(value)
+        if len(text) <= maxsize:
+            return text
+    return saferepr(value, maxsize, maxlevels=maxlevels)
 
 
 def _split(item: Sequence[Any] | Mapping[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:

@@ -7,10 +7,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
 from celery import Celery, Task
-from celery.result import ResultSet
 
 from .outcomes import RetryItem
 from .spec import DEFAULT_MAX_BATCH_SIZE, DEFAULT_WAIT_MS, BatchSpec
+from .submit import ItemResults, starmap_items
 
 
 class BatchedTask(Task):
@@ -59,19 +59,18 @@ class BatchedTask(Task):
         """Prepare this worker process for batches (load a model, open a client). Runs once."""
 
     def starmap_items(self, items: Iterable[Sequence[Any] | Mapping[str, Any]],
-                      **options: Any) -> ResultSet:
-        """Send many items at once; a ``ResultSet`` with one ``AsyncResult`` per item, in order.
+                      **options: Any) -> ItemResults:
+        """Send many items at once; a list of one ``AsyncResult`` per item, in order, whose
+        ``.get()`` collects all values.
 
         Each item is a tuple of positional arguments or a dict of keyword arguments.
         ``options``: ``queue``, ``priority``, ``countdown``, ``eta``, ``expires``, time limits,
         ``ignore_result`` (others fall back to one ``apply_async`` per item). Items are checked
         against the function's parameters before anything is sent.
         """
-        from .submit import starmap_items
-
         return starmap_items(self, items, **options)
 
-    def map_items(self, values: Iterable[Any], **options: Any) -> ResultSet:
+    def map_items(self, values: Iterable[Any], **options: Any) -> ItemResults:
         """``starmap_items`` for a function of one parameter: one value per item."""
         return self.starmap_items(((v,) for v in values), **options)
 
