@@ -313,6 +313,16 @@ def run_seed_example(app: Any, worker: DemoWorker) -> None:
         raise RuntimeError(f"wrong sums: {sums}")
 
 
+def timed_gather(label: str, task: Any, sentences: Sequence[str]) -> tuple[list[Any], float]:
+    """Send one task per sentence, all at once, and wait for every result: (values, items/s)."""
+    progress = Progress(label, len(sentences))
+    t0 = time.monotonic()
+    values = gather([task.delay(s) for s in sentences], progress)
+    rate = len(sentences) / (time.monotonic() - t0)
+    progress.finish(f"in {time.monotonic() - t0:.2f}s = {rate:,.0f} items/s")
+    return values, rate
+
+
 def run_embeddings(app: Any, worker: DemoWorker, n_batched: int, n_single: int) -> None:
     from .model import DIMENSIONS, MODEL_NAME
     from .tasks import embed, embed_one
@@ -327,31 +337,19 @@ def run_embeddings(app: Any, worker: DemoWorker, n_batched: int, n_single: int) 
     sentences = make_sentences(max(n_batched, n_single))
     before = sizes_of(batching_stats(app, worker.hostname), embed.name)
 
-    batched_n = n_batched
-    progress = Progress(f"embed        ({batched_n} sentences, sent at once)", batched_n)
-    t0 = time.monotonic()
-    vectors = gather([embed.delay(s) for s in sentences[:batched_n]], progress)
-    batched_s = time.monotonic() - t0
-    batched_rate = batched_n / batched_s
-    progress.finish(f"in {batched_s:.2f}s = {batched_rate:,.0f} items/s")
-
+    vectors, batched_rate = timed_gather(
+        f"embed        ({n_batched} sentences, sent at once)", embed, sentences[:n_batched])
     after_stats = batching_stats(app, worker.hostname)
     sizes = sizes_of(after_stats, embed.name) - before if after_stats is not None else None
-
-    single_n = n_single
-    progress = Progress(f"embed_one    ({single_n} sentences, one task each)", single_n)
-    t0 = time.monotonic()
-    singles = gather([embed_one.delay(s) for s in sentences[:single_n]], progress)
-    single_s = time.monotonic() - t0
-    single_rate = single_n / single_s
-    progress.finish(f"in {single_s:.2f}s = {single_rate:,.0f} items/s")
+    singles, single_rate = timed_gather(
+        f"embed_one    ({n_single} sentences, one task each)", embed_one, sentences[:n_single])
 
     bad = [v for v in vectors + singles if len(v) != DIMENSIONS]
     if bad:
         raise RuntimeError(f"got vectors of length {len(bad[0])}, expected {DIMENSIONS}")
     if sizes:
         hist = ", ".join(f"{n} x {size}" for size, n in sorted(sizes.items(), reverse=True))
-        say(f"   batches embed ran: {sum(sizes.values())} for {batched_n} sentences ({hist})")
+        say(f"   batches embed ran: {sum(sizes.values())} for {n_batched} sentences ({hist})")
     else:
         say("   batches embed ran: (no batching_stats reply from the worker)")
     drift = max((sum((a - b) ** 2 for a, b in zip(u, v)) ** 0.5
