@@ -218,6 +218,17 @@ def test_chain_continues_with_each_items_result(redis_client, queue, start_worke
     assert [r.get(timeout=15) for r in results] == [101, 102, 103]
 
 
+def test_group_and_chord_of_batched_items(redis_client, queue, start_worker):
+    from celery import chord, group
+    start_worker(APP, queues=queue)
+    g = group(calc.batch_add.s(i, i).set(queue=queue) for i in range(5)).apply_async()
+    assert g.get(timeout=15) == [0, 2, 4, 6, 8]
+    c = chord([calc.batch_add.s(i, 1).set(queue=queue) for i in range(6)],
+              calc.total.s().set(queue=queue)).apply_async()
+    assert c.get(timeout=20) == sum(i + 1 for i in range(6))
+    assert [r["xs"] for r in execs(redis_client, "batch_add")][-3:] == [[0, 1], [2, 3], [4, 5]]
+
+
 def test_unencodable_result_fails_only_that_item(redis_client, queue, start_worker):
     start_worker(APP, queues=queue)
     results = [calc.unencodable.apply_async((i,), queue=queue) for i in range(3)]

@@ -174,3 +174,8 @@ def slow_batch(xs: list[int]) -> list[int]:
     time.sleep(0.6)
     record("slow_batch", xs=xs)
     return xs
+
+
+@app.task
+def total(values: list[int]) -> int:
+    return sum(values)
