@@ -26,7 +26,7 @@ try:
     from kombu.transport import redis as kombu_redis
     from kombu.transport.virtual.base import QoS as VirtualQoS
     from kombu.utils.encoding import bytes_to_str
-    from kombu.utils.json import loads
+    from kombu.utils.json import dumps, loads
 except ImportError:  # pragma: no cover
     kombu_redis = None  # type: ignore[assignment]
 
@@ -148,3 +148,50 @@ def ack_many(requests: Sequence[Any]) -> None:
         VirtualQoS.ack(qos, m.delivery_tag)
         m._state = "ACK"
         req.acknowledged = True
+
+
+class RedisBulkPublisher:
+    """Publish many messages to one queue in Redis pipelines of ``flush_every`` LPUSHes.
+
+    Mirrors what ``Producer._publish`` -> ``virtual.Channel.basic_publish`` -> Redis
+    ``Channel._put`` do for the default exchange (kombu 5.5-5.7): ``prepare_message``,
+    ``_inplace_augment_message`` (body encoding, delivery tag and info), then LPUSH onto the
+    queue's list for the message's priority -- without the per-message routing and dispatch.
+    """
+
+    def __init__(self, channel: Any, queue: str, flush_every: int = 1000) -> None:
+        self.channel = channel
+        self.queue = queue
+        self.flush_every = flush_every
+        self._client_cm = channel.conn_or_acquire()
+        self.pipe = self._client_cm.__enter__().pipeline(transaction=False)
+        self.pending = 0
+
+    @classmethod
+    def for_channel(cls, channel: Any, queue: str) -> RedisBulkPublisher | None:
+        """A publisher, or None where kombu's own path must run (prefixes, queue TTLs)."""
+        if (kombu_redis is None or not isinstance(channel, kombu_redis.Channel)
+                or channel.global_keyprefix or queue in (channel._expires or {})):
+            return None
+        return cls(channel, queue)
+
+    def publish(self, body: Any, priority: int | None, content_type: str, content_encoding: str,
+                headers: dict[str, Any], properties: dict[str, Any]) -> None:
+        channel = self.channel
+        message = channel.prepare_message(body, priority, content_type, content_encoding,
+                                          headers, properties)
+        channel._inplace_augment_message(message, "", self.queue)
+        key = channel._q_for_pri(self.queue, channel._get_message_priority(message, reverse=False))
+        self.pipe.lpush(key, dumps(message))
+        self.pending += 1
+        if self.pending >= self.flush_every:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            self.pipe.execute()
+            self.pending = 0
+
+    def close(self) -> None:
+        self.pipe.reset()
+        self._client_cm.__exit__(None, None, None)

@@ -19,6 +19,7 @@ from celery.utils.nodenames import anon_nodename
 from celery.utils.saferepr import saferepr
 from kombu.utils.uuid import uuid
 
+from ._kombu_redis import RedisBulkPublisher
 from .errors import ItemArgumentsError
 
 if TYPE_CHECKING:
@@ -81,27 +82,38 @@ def starmap_items(task: BatchedTask, items: Iterable[Sequence[Any] | Mapping[str
         _, _, embed = template.body
         maxsize = amqp.argsrepr_maxsize, amqp.kwargsrepr_maxsize
         maxlevels = app.conf.task_repr_maxlevels
-        with producer.batch(PUBLISH_BATCH_SIZE):
-            for index, item in enumerate(items):
-                args, kwargs = _split(item)
-                try:
-                    spec.bind_item(args, kwargs)
-                except ItemArgumentsError as exc:
-                    raise ItemArgumentsError(f"item {index}: {exc}") from None
-                task_id = uuid()
-                headers = {**template.headers, "id": task_id, "root_id": task_id,
-                           "argsrepr": _repr(args, maxsize[0], maxlevels),
-                           "kwargsrepr": _repr(kwargs, maxsize[1], maxlevels) if kwargs else "{}"}
-                if subscribe:
-                    backend.on_task_call(producer, task_id)
-                body, content_type, content_encoding = prepare(
-                    (args, kwargs, embed), serializer, None, None, compression, headers)
-                # The default exchange delivers straight to the named queue on AMQP and Redis
-                # alike, without a per-message binding lookup on Redis.
-                publish(body, priority, content_type, content_encoding, headers,
-                        {**template.properties, "correlation_id": task_id,
-                         "delivery_mode": delivery_mode}, queue.name, False, False, "", None)
-                results.append(AsyncResult(task_id, backend=backend, task_name=task.name, app=app))
+        properties = {**template.properties, "delivery_mode": delivery_mode}
+        fast = RedisBulkPublisher.for_channel(producer.channel, queue.name)
+        try:
+            with producer.batch(PUBLISH_BATCH_SIZE):
+                for index, item in enumerate(items):
+                    args, kwargs = _split(item)
+                    try:
+                        spec.bind_item(args, kwargs)
+                    except ItemArgumentsError as exc:
+                        raise ItemArgumentsError(f"item {index}: {exc}") from None
+                    task_id = uuid()
+                    headers = {**template.headers, "id": task_id, "root_id": task_id,
+                               "argsrepr": _repr(args, maxsize[0], maxlevels),
+                               "kwargsrepr": _repr(kwargs, maxsize[1], maxlevels) if kwargs else "{}"}
+                    if subscribe:
+                        backend.on_task_call(producer, task_id)
+                    body, content_type, content_encoding = prepare(
+                        (args, kwargs, embed), serializer, None, None, compression, headers)
+                    props = {**properties, "correlation_id": task_id}
+                    if fast is not None:
+                        fast.publish(body, priority, content_type, content_encoding, headers, props)
+                    else:
+                        # The default exchange delivers straight to the named queue.
+                        publish(body, priority, content_type, content_encoding, headers, props,
+                                queue.name, False, False, "", None)
+                    results.append(AsyncResult(task_id, backend=backend, task_name=task.name,
+                                               app=app))
+            if fast is not None:
+                fast.flush()
+        finally:
+            if fast is not None:
+                fast.close()
     return ItemResults(results, app)
 
 

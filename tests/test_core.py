@@ -24,7 +24,7 @@ def execs(redis_client, name: str) -> list[dict]:
 @pytest.mark.parametrize("pool", ["prefork", "threads", "solo"])
 def test_seed_example_two_executions(redis_client, queue, start_worker, pool):
     start_worker(APP, queues=queue, pool=pool)
-    sent = time.time()
+    sent = time.monotonic()
     results = [calc.batch_add.apply_async((x, y), queue=queue)
                for x, y in [(1, 300), (2, 200), (3, 100)]]
     assert [r.get(timeout=15) for r in results] == [301, 202, 103]
@@ -53,7 +53,7 @@ def test_size_flush_does_not_wait(redis_client, queue, start_worker):
 def test_time_flush_counts_from_first_item(redis_client, queue, start_worker):
     start_worker(APP, queues=queue)
     first = calc.timed.apply_async((1,), queue=queue)
-    t_first = time.time()
+    t_first = time.monotonic()
     time.sleep(0.5)
     second = calc.timed.apply_async((2,), queue=queue)
     assert (first.get(timeout=10), second.get(timeout=10)) == (-1, -2)

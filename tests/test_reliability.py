@@ -168,12 +168,12 @@ def test_eta_items_wait_without_taking_batch_slots(broker, queue, redis_client, 
     # stays under it. On RabbitMQ, Celery itself receives ETA messages slowly (one prefetch
     # increment per message; measured ~5 messages/s for plain Celery tasks too), so fewer.
     n, delay = (300, 2.5) if broker.name == "redis" else (40, 12)
-    due = time.time() + delay
+    due = time.monotonic() + delay
     eta = datetime.now(timezone.utc) + timedelta(seconds=delay)
     later = send_many(broker, "eta_square", [(i,) for i in range(n)], queue, eta=eta)
     now = send_many(broker, "eta_square", [(i,) for i in range(1000, 1010)], queue)
     assert [r.get(timeout=delay) for r in now] == [i * i for i in range(1000, 1010)]
-    assert time.time() < due, "sending took too long for this test to mean anything"
+    assert time.monotonic() < due, "sending took too long for this test to mean anything"
     assert all(r.state == states.PENDING for r in later)
     assert [r.get(timeout=60) for r in later] == [i * i for i in range(n)]
     eta_runs = [(float(t), int(k)) for t, k in (x.split(b":") for x in redis_client.lrange("eta_runs", 0, -1))]
@@ -294,16 +294,18 @@ def test_memory_and_unacked_stay_bounded_while_draining(broker, queue, redis_cli
     worker = start_worker(APP, queues=queue, env=broker.env)
     procs = [psutil.Process(worker.pid)] + [psutil.Process(p) for p in worker.child_pids()]
     unacked, rss = [], []
-    deadline = time.time() + 240
+    deadline = time.monotonic() + 240
     while int(redis_client.get("tally") or 0) < n:
-        assert time.time() < deadline, f"drained only {redis_client.get('tally')} of {n}"
+        assert time.monotonic() < deadline, f"drained only {redis_client.get('tally')} of {n}"
         unacked.append(_unacked(broker, queue))
         done = int(redis_client.get("tally") or 0)
         rss.append((done, sum(p.memory_info().rss for p in procs)))
         time.sleep(0.25 if broker.name == "redis" else 0.5)
     # Held by batching: at most max_batch_size * (pool processes + 2) = 300, plus Celery's own
-    # prefetch (4) -- never the queue.
-    assert max(unacked) <= 300 + 4, max(unacked)
+    # prefetch (4) -- never the queue. RabbitMQ's count trails the worker's asynchronous acks and
+    # QoS updates, so it may show up to one more batch in flight.
+    bound = 300 + 4 + (100 if broker.name == "rabbitmq" else 0)
+    assert max(unacked) <= bound, max(unacked)
     warm = [r for done, r in rss if done >= n * 0.1]
     growth_mb = (max(warm) - warm[0]) / 2**20
     assert growth_mb < 30, f"RSS grew {growth_mb:.1f} MB while draining"

@@ -33,7 +33,9 @@ _redis = redis.Redis.from_url(BACKEND)
 
 
 def record(name: str, **data: object) -> None:
-    _redis.rpush(f"exec:{name}", json.dumps({"t": time.time(), "pid": os.getpid(), **data}))
+    """Record an execution; ``t`` is CLOCK_MONOTONIC, shared by all processes on Linux, so tests
+    can compare it with their own ``time.monotonic()`` even if the wall clock jumps."""
+    _redis.rpush(f"exec:{name}", json.dumps({"t": time.monotonic(), "pid": os.getpid(), **data}))
 
 
 @app.task(base=BatchedTask, max_batch_size=2, wait_ms=1000)
@@ -164,7 +166,7 @@ def backoff(keys: list[str]) -> list[object]:
     """Fails each item with KeyError on its first two tries; records when each try ran."""
     out: list[object] = []
     for key in keys:
-        _redis.rpush(f"tries-at:{key}", time.time())
+        _redis.rpush(f"tries-at:{key}", time.monotonic())
         out.append(KeyError(key) if _redis.llen(f"tries-at:{key}") < 3 else f"ok:{key}")
     return out
 

@@ -90,7 +90,7 @@ def hard_limited(xs: list[float]) -> list[float]:
 @app.task(base=BatchedTask, max_batch_size=50, wait_ms=100)
 def eta_square(xs: list[int]) -> list[int]:
     count_runs(xs)
-    _redis.rpush("eta_runs", f"{time.time()}:{len(xs)}")
+    _redis.rpush("eta_runs", f"{time.monotonic()}:{len(xs)}")
     return [x * x for x in xs]
 
 
