@@ -10,6 +10,7 @@ usual). Every item still gets its own task id and ``AsyncResult``.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -84,6 +85,10 @@ def starmap_items(task: BatchedTask, items: Iterable[Sequence[Any] | Mapping[str
         maxlevels = app.conf.task_repr_maxlevels
         properties = {**template.properties, "delivery_mode": delivery_mode}
         fast = RedisBulkPublisher.for_channel(producer.channel, queue.name)
+        # The loop allocates a few dicts per item and frees none: the cyclic GC would scan the
+        # whole heap again and again for nothing (a fifth of the time in a large process).
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
         try:
             with producer.batch(PUBLISH_BATCH_SIZE):
                 for index, item in enumerate(items):
@@ -112,6 +117,8 @@ def starmap_items(task: BatchedTask, items: Iterable[Sequence[Any] | Mapping[str
             if fast is not None:
                 fast.flush()
         finally:
+            if gc_was_enabled:
+                gc.enable()
             if fast is not None:
                 fast.close()
     return ItemResults(results, app)
