@@ -327,6 +327,6 @@ def test_bulk_submit_returns_results_in_order(redis_client, queue, start_worker)
 
 
 def test_bulk_submit_rejects_a_bad_item_before_sending(redis_client, queue):
-    with pytest.raises(ItemArgumentsError, match="item 1: .* takes 2 positional"):
-        calc.batch_add.starmap_items([(1, 2), (1, 2, 3)], queue=queue)
+    with pytest.raises(ItemArgumentsError, match="item 2500: .* takes 2 positional"):
+        calc.batch_add.starmap_items([(1, 2)] * 2500 + [(1, 2, 3)], queue=queue)
     assert redis_client.llen(queue) == 0
