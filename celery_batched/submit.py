@@ -1,11 +1,11 @@
 """Bulk submit: send many items of a batched task with one producer and pipelined publishes.
 
 An ``apply_async`` loop costs one broker round trip per item plus Celery's per-call routing,
-queue declaration and result subscription. Here the route is resolved and the queue declared once
-per call, messages are built with Celery's own ``amqp.as_task_v2`` and published to the resolved
-queue through the default exchange, inside
-kombu's ``Producer.batch()`` (one Redis pipeline per 1,000 messages; other transports publish as
-usual). Every item still gets its own task id and ``AsyncResult``.
+queue declaration and result subscription. Here every item is checked first, the route is resolved
+and the queue declared once, one message is built with Celery's own ``amqp.as_task_v2`` and the
+others copy it, and they go to the resolved queue through the default exchange: on Redis in
+LPUSH pipelines of 1,000 (``_kombu_redis.RedisBulkPublisher``), elsewhere through kombu's
+``Producer.batch()``. Every item still gets its own task id and ``AsyncResult``.
 """
 
 from __future__ import annotations
