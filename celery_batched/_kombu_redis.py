@@ -9,6 +9,7 @@ message as unacknowledged (``QoS.append``), and a pipeline removing that record 
   same records ``QoS.append`` writes -- atomically, so a crash can't lose a popped message: it is
   restored after ``visibility_timeout`` like any unacknowledged message.
 * ``ack_many``: the acknowledgements of a batch in one pipeline.
+* ``RedisBulkPublisher``: bulk submit's messages in LPUSH pipelines.
 """
 
 from __future__ import annotations
