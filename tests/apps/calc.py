@@ -8,25 +8,14 @@ import os
 import time
 
 import redis
-from celery import Celery
 
 from celery_batched import BatchedTask, RetryItem
 
-BROKER = os.environ.get("TEST_BROKER_URL", "redis://127.0.0.1:6379/11")
-BACKEND = os.environ.get("TEST_BACKEND_URL", "redis://127.0.0.1:6379/11")
+from ._common import BACKEND, make_app
 
-app = Celery("calc", broker=BROKER, backend=BACKEND)
-app.conf.update(
-    task_serializer="json", result_serializer="json", accept_content=["json"],
-    broker_connection_retry_on_startup=True,
-    worker_hijack_root_logger=False,
+app = make_app(
+    "calc",
     result_extended=os.environ.get("TEST_RESULT_EXTENDED") == "1",
-    broker_transport_options={
-        k: float(v) for k, v in (
-            ("visibility_timeout", os.environ.get("TEST_VISIBILITY_TIMEOUT")),
-            ("unacked_restore_interval", os.environ.get("TEST_UNACKED_RESTORE_INTERVAL")),
-        ) if v
-    },
 )
 
 _redis = redis.Redis.from_url(BACKEND)

@@ -6,18 +6,13 @@ import os
 import time
 
 import redis
-from celery import Celery
 
 from celery_batched import BatchedTask
 
-BROKER = os.environ.get("TEST_BROKER_URL", "redis://127.0.0.1:6379/11")
-BACKEND = os.environ.get("TEST_BACKEND_URL", "redis://127.0.0.1:6379/11")
+from ._common import BACKEND, BROKER, make_app
 
-app = Celery("faults", broker=BROKER, backend=BACKEND)
-app.conf.update(
-    task_serializer="json", result_serializer="json", accept_content=["json"],
-    broker_connection_retry_on_startup=True,
-    worker_hijack_root_logger=False,
+app = make_app(
+    "faults",
     worker_cancel_long_running_tasks_on_connection_loss=False,
     broker_transport_options={
         # Redis: restore unacknowledged messages of a dead worker after 3 s, scanning every second.
