@@ -13,8 +13,9 @@ from typing import Any
 from celery import Task, group, signature, states
 from celery.app.task import Context
 from celery.backends.base import BaseKeyValueStoreBackend
-from celery.exceptions import Retry
+from celery.exceptions import BackendStoreError, Retry
 from celery.utils.time import get_exponential_backoff_interval
+from kombu.exceptions import EncodeError
 from kombu.utils.encoding import bytes_to_str
 
 _HOSTNAME = socket.gethostname()
@@ -123,6 +124,7 @@ def request_retry(task: Task, exc: BaseException | None, retry_kwargs: dict[str,
 
 
 StoreEntry = tuple[str, Any, Context]  # task_id, value, item context
+_ITEM_ERRORS = (EncodeError, TypeError, ValueError, BackendStoreError)
 
 
 def store_results(task: Task, entries: Sequence[StoreEntry], state: str,
@@ -134,7 +136,8 @@ def store_results(task: Task, entries: Sequence[StoreEntry], state: str,
     pipeline of ``SET``/``SETEX`` + ``PUBLISH`` per item (``RedisBackend._set``), or one ``set``
     per item on other key-value backends. Other backends (database, rpc, ...) go through
     ``backend.store_result`` one by one. An item whose value can't be encoded is reported through
-    ``on_error(index, exc)`` and nothing is stored for it; the rest are stored.
+    ``on_error(index, exc)`` and nothing is stored for it; the rest are stored. Connection errors
+    are retried with the backend's retry policy, then raised (the batch's items then fail).
     Mirrors ``BaseKeyValueStoreBackend._store_result`` and ``Backend.store_result``.
     """
     backend = task.backend
@@ -144,13 +147,12 @@ def store_results(task: Task, entries: Sequence[StoreEntry], state: str,
         for i, (task_id, value, ctx) in enumerate(entries):
             try:
                 backend.store_result(task_id, value, state, request=ctx)
-            except Exception as exc:
+            except _ITEM_ERRORS as exc:  # this item's value; connection errors propagate
                 on_error(i, exc)
         return
 
     keys: list[bytes | str] = []
     values: list[Any] = []
-    positions: list[int] = []
     result_meta = _result_meta_factory(backend, state)
     for i, (task_id, value, ctx) in enumerate(entries):
         try:
@@ -162,7 +164,6 @@ def store_results(task: Task, entries: Sequence[StoreEntry], state: str,
             continue
         keys.append(backend.get_key_for_task(task_id))
         values.append(encoded)
-        positions.append(i)
     if not keys:
         return
 
@@ -184,11 +185,10 @@ def store_results(task: Task, entries: Sequence[StoreEntry], state: str,
             for key, value in todo:
                 backend._set_with_state(key, value, state)
 
-    try:
+    if RedisBackend is not None and isinstance(backend, RedisBackend):
+        backend.ensure(_write, ())  # RedisBackend.set's retries on connection errors
+    else:
         backend._ensure_retryable(_write)
-    except Exception as exc:
-        for i in positions:
-            on_error(i, exc)
 
 
 def _result_meta_factory(backend: Any, state: str) -> Callable[[Any, Context], dict[str, Any]]:

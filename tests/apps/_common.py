@@ -5,10 +5,20 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import redis
 from celery import Celery
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 BROKER = os.environ.get("TEST_BROKER_URL", "redis://127.0.0.1:6379/11")
 BACKEND = os.environ.get("TEST_BACKEND_URL", "redis://127.0.0.1:6379/11")
+
+
+def redis_client() -> redis.Redis:
+    """The tasks' own Redis client (for recording runs); retries, since the fault tests kill
+    every client connection and the tasks' bookkeeping must survive that like the worker does."""
+    return redis.Redis.from_url(BACKEND, retry=Retry(ExponentialBackoff(cap=0.5), 10),
+                                retry_on_error=[redis.ConnectionError, redis.TimeoutError])
 
 
 def make_app(name: str, **settings: Any) -> Celery:

@@ -7,18 +7,16 @@ import json
 import os
 import time
 
-import redis
-
 from celery_batched import BatchedTask, RetryItem
 
-from ._common import BACKEND, make_app
+from ._common import make_app, redis_client
 
 app = make_app(
     "calc",
     result_extended=os.environ.get("TEST_RESULT_EXTENDED") == "1",
 )
 
-_redis = redis.Redis.from_url(BACKEND)
+_redis = redis_client()
 
 
 def record(name: str, **data: object) -> None:

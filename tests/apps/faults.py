@@ -5,11 +5,9 @@ from __future__ import annotations
 import os
 import time
 
-import redis
-
 from celery_batched import BatchedTask
 
-from ._common import BACKEND, BROKER, make_app
+from ._common import BROKER, make_app, redis_client
 
 app = make_app(
     "faults",
@@ -22,7 +20,7 @@ app = make_app(
     } if BROKER.startswith("redis") else {},
 )
 
-_redis = redis.Redis.from_url(BACKEND)
+_redis = redis_client()
 
 
 def count_runs(xs: list[object]) -> None:
