@@ -8,6 +8,9 @@ from typing import Any, ClassVar
 
 from celery import Celery, Task
 
+from ._celery_internals import autoretry
+from .bootstep import BatchingStep
+from .execution import call_batch
 from .outcomes import RetryItem
 from .spec import DEFAULT_MAX_BATCH_SIZE, DEFAULT_WAIT_MS, BatchSpec
 from .submit import ItemResults, starmap_items
@@ -79,9 +82,6 @@ class BatchedTask(Task):
 
         ``task.run(xs, ys)`` calls the list function itself.
         """
-        from ._celery_internals import autoretry
-        from .execution import call_batch
-
         row = self._batch_spec.bind_item(args, kwargs)
         pushed = self.request_stack.top is None
         if pushed:
@@ -99,7 +99,5 @@ class BatchedTask(Task):
 
 
 def _install_bootstep(app: Celery) -> None:
-    from .bootstep import BatchingStep
-
     app.steps["consumer"].add(BatchingStep)
 
