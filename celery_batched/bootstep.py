@@ -53,12 +53,12 @@ class BatchingStep(bootsteps.StartStopStep):
         if buffer is None:
             spec = task._batch_spec
             c = self.consumer
-            slots = _pool_slots(c.pool)
+            assert self._dispatcher is not None
+            slots = self._dispatcher.slots
             # Each pool slot running a batch, one waiting for a slot, one filling: the pool
             # never waits on the broker, and the worker never holds the whole queue.
             credit = PrefetchCredit(c.qos, cap=spec.max_batch_size * (slots + 2),
                                     headroom=spec.max_batch_size)
-            assert self._dispatcher is not None
             buffer = self.buffers[task.name] = BatchBuffer(
                 spec, c.timer, credit, self._dispatcher, pool_busy=self._dispatcher.pool_busy)
             self._check_visibility_timeout(task)
