@@ -1,22 +1,32 @@
-"""Every place celery_batched reaches into Celery or kombu internals, in one module.
+"""Where celery_batched reaches into Celery's internals (with ``_kombu_redis`` and
+``_redis_results``, the only such modules).
 
-Each function says which Celery function it mirrors. Tested with celery 5.5-5.7, kombu 5.5-5.7,
-redis-py 5-8. When upgrading Celery, diff the mirrored functions first.
+Each function names the Celery function it mirrors; ``tests/test_internals.py`` pins every one of
+them to the Celery releases CI runs, and fails naming the function when a release changes it.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import socket
-from collections.abc import Callable, Sequence
+import traceback
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from celery import Task, group, signature, states
+from billiard.einfo import ExceptionInfo, ExceptionWithTraceback
+from celery import group, signals, signature, states
 from celery.app.task import Context
 from celery.backends.base import BaseKeyValueStoreBackend
-from celery.exceptions import BackendStoreError, Retry
+from celery.exceptions import BackendStoreError, InvalidTaskError, Retry
+from celery.utils.serialization import get_pickleable_etype, get_pickleable_exception
 from celery.utils.time import get_exponential_backoff_interval
+from celery.worker import state as worker_state
 from kombu.exceptions import EncodeError
+from kombu.serialization import loads as kombu_loads
+from kombu.serialization import prepare_accept_content
 from kombu.utils.encoding import bytes_to_str
+from kombu.utils.json import object_hook
 
 _HOSTNAME = socket.gethostname()
 
@@ -25,35 +35,126 @@ try:  # redis is a declared dependency, but any Celery backend must work without
 except ImportError:  # pragma: no cover
     RedisBackend = None
 
+# ----------------------------------------------------------------------------------------------
+# Consumer side
+# ----------------------------------------------------------------------------------------------
 
-def pool_item(req: Any) -> tuple[str, dict[str, Any], Sequence[Any], dict[str, Any], dict[str, Any] | None]:
-    """What the pool needs of one ``celery.worker.request.Request``.
 
-    ``embed`` (callbacks, errbacks, chain, chord) lives in the decoded body, which Request keeps
-    in ``_payload``; ``Request.execute_using_pool`` sends the raw body instead (Celery 5.5-5.7).
+def accepted_content_types(app: Any) -> frozenset[str]:
+    """The MIME types the worker accepts (``accept_content``), as kombu checks them on decode.
+
+    Mirrors ``kombu.serialization.prepare_accept_content`` plus the trusted types that
+    ``SerializerRegistry.loads`` lets through.
     """
-    # 'properties' repeats fields the dict has on its own (reply_to, correlation_id,
-    # delivery_info) and nothing in a task's Context reads it; args/kwargs travel once.
-    request = {k: v for k, v in req.request_dict.items() if k not in _NOT_SENT}
-    return (req.id, request, req.args, req.kwargs, req._payload[2])
+    from kombu.serialization import TRUSTED_CONTENT
+
+    return frozenset(prepare_accept_content(app.conf.accept_content) or ()) | TRUSTED_CONTENT
 
 
-_NOT_SENT = frozenset(("properties", "args", "kwargs"))
+def task_events_on(eventer: Any, task: Any) -> bool:
+    """Whether a per-task event would be sent now (``-E``, or ``control enable_events``).
+
+    Mirrors ``Request.send_event`` + ``EventDispatcher.send``: heartbeats keep the dispatcher
+    enabled without ``-E``, with its groups limited to ``worker``.
+    """
+    if not (eventer and eventer.enabled and task.send_events):
+        return False
+    groups = eventer.groups
+    return not groups or "task" in groups
 
 
-def make_context(request_dict: dict[str, Any], args: Sequence[Any], kwargs: dict[str, Any],
-                 embed: dict[str, Any] | None, hostname: str | None) -> Context:
+def received_event_fields(headers: dict[str, Any]) -> dict[str, Any]:
+    """The ``task-received`` event's fields. Mirrors ``celery.worker.strategy.default``."""
+    return {"name": headers.get("shadow") or headers["task"], "args": headers.get("argsrepr", ""),
+            "kwargs": headers.get("kwargsrepr", ""), "root_id": headers.get("root_id"),
+            "parent_id": headers.get("parent_id"), "retries": headers.get("retries", 0),
+            "eta": headers.get("eta"), "expires": headers.get("expires")}
+
+
+#: Mirror ``celery.worker.state.task_reserved`` / ``task_ready`` (Celery 5.5-5.7).
+task_reserved = worker_state.task_reserved
+task_ready = worker_state.task_ready
+
+
+def reserved_requests() -> Any:
+    """The worker's reserved requests (``celery.worker.state.reserved_requests``)."""
+    return worker_state.reserved_requests
+
+
+def revoked_stamps() -> dict[str, Any]:
+    """Stamped-header revocations (``revoke_by_stamped_headers``) this worker knows of."""
+    return getattr(worker_state, "revoked_stamps", None) or {}
+
+
+def task_accepted_many(items: Sequence[Any], name: str) -> None:
+    """``celery.worker.state.task_accepted`` for a whole batch, with one counter update."""
+    add_request, add_active = worker_state.requests.__setitem__, worker_state.active_requests.add
+    for item in items:
+        add_request(item.id, item)
+        add_active(item)
+    worker_state.total_count[name] += len(items)
+    worker_state.all_total_count[0] += len(items)
+
+
+def delivery_details(message: Any) -> tuple[Any, ...]:
+    """What ``Request.__init__`` takes from a message besides headers and body (Celery 5.5-5.7)."""
+    info = message.delivery_info or {}
+    props = message.properties or {}
+    return (info.get("exchange"), info.get("routing_key"), props.get("priority"),
+            info.get("redelivered", False), props.get("reply_to"), props.get("correlation_id"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Pool side
+# ----------------------------------------------------------------------------------------------
+
+_json_decoder = json.JSONDecoder(object_hook=object_hook)
+
+
+def decode_body(body: Any, content_type: str | None, content_encoding: str | None,
+                accept: frozenset[str]) -> tuple[Sequence[Any], dict[str, Any], dict[str, Any] | None]:
+    """One message body -> ``(args, kwargs, embed)``.
+
+    Mirrors ``kombu.serialization.loads`` (accept check, then the registry's decoder), with one
+    JSON decoder kept for the process: ``kombu.utils.json.loads`` builds a new one per call. A
+    protocol-1 style body (a dict) is read as ``celery.worker.strategy.hybrid_to_proto2`` does.
+    """
+    if isinstance(body, tuple):
+        return body  # decoded in the consumer (ETA, legacy)
+    if content_type == "application/json" and "application/json" in accept:
+        decoded = _json_decoder.decode(bytes_to_str(body))
+    else:
+        decoded = kombu_loads(body, content_type, content_encoding, accept=accept)
+    if isinstance(decoded, dict):
+        args, kwargs = decoded.get("args", ()), decoded.get("kwargs", {})
+        if not isinstance(kwargs, dict):
+            raise InvalidTaskError("Task keyword arguments must be a mapping")
+        return args, kwargs, {"callbacks": decoded.get("callbacks"),
+                              "errbacks": decoded.get("errbacks"), "chord": decoded.get("chord"),
+                              "chain": None}
+    args, kwargs, embed = decoded
+    return args, kwargs, embed
+
+
+def make_context(headers: dict[str, Any], args: Sequence[Any], kwargs: dict[str, Any],
+                 embed: dict[str, Any] | None, delivery: tuple[Any, ...],
+                 hostname: str | None) -> Context:
     """The ``task.request`` of one item.
 
-    Mirrors ``celery.app.trace.fast_trace_task``'s ``request.update(..., **embed)`` and
-    ``build_tracer``'s ``Context(request, args=..., called_directly=False, kwargs=...)``.
+    Mirrors the request dict ``celery.worker.request.Request.__init__`` builds (properties,
+    reply_to, correlation_id, hostname, delivery_info) and ``celery.app.trace.fast_trace_task``'s
+    ``Context(request, args=..., kwargs=..., **embed)``.
     """
-    return Context(request_dict, args=args, called_directly=False, kwargs=kwargs,
-                   hostname=hostname or request_dict.get("hostname") or _HOSTNAME, is_eager=False,
+    exchange, routing_key, priority, redelivered, reply_to, correlation_id = delivery
+    host = hostname or _HOSTNAME
+    return Context(headers, args=args, kwargs=kwargs, called_directly=False, is_eager=False,
+                   hostname=host, reply_to=reply_to, correlation_id=correlation_id,
+                   delivery_info={"exchange": exchange, "routing_key": routing_key,
+                                  "priority": priority, "redelivered": redelivered},
                    **(embed or {}))
 
 
-def dispatch_callbacks_and_chain(task: Task, retval: Any, ctx: Context) -> None:
+def dispatch_callbacks_and_chain(task: Any, retval: Any, ctx: Context) -> None:
     """Send an item's ``link`` callbacks and the next step of its chain.
 
     Mirrors ``_dispatch_callbacks_and_chain`` inside ``celery.app.trace.build_tracer``.
@@ -87,7 +188,7 @@ def dispatch_callbacks_and_chain(task: Task, retval: Any, ctx: Context) -> None:
                 root_id=root_id, priority=priority)
 
 
-def autoretry(task: Task, exc: BaseException) -> BaseException:
+def autoretry(task: Any, exc: BaseException) -> BaseException:
     """Apply the task's ``autoretry_for`` policy to one item's exception.
 
     Returns the :class:`~celery.exceptions.Retry` to record when the item was re-sent, or the
@@ -112,7 +213,7 @@ def autoretry(task: Task, exc: BaseException) -> BaseException:
     return request_retry(task, exc, retry_kwargs)
 
 
-def request_retry(task: Task, exc: BaseException | None, retry_kwargs: dict[str, Any]) -> BaseException:
+def request_retry(task: Any, exc: BaseException | None, retry_kwargs: dict[str, Any]) -> BaseException:
     """Re-send the current item through ``Task.retry``; return the ``Retry`` or the final error."""
     try:
         task.retry(exc=exc, **retry_kwargs)
@@ -123,21 +224,99 @@ def request_retry(task: Task, exc: BaseException | None, retry_kwargs: dict[str,
     raise AssertionError("Task.retry(throw=True) returned")  # pragma: no cover
 
 
+def exception_info(exc: BaseException) -> ExceptionInfo:
+    """A picklable ``ExceptionInfo`` of ``exc`` with its own traceback, without re-raising it
+    (re-raising one exception per item grows its traceback by a frame each time).
+
+    Mirrors the start of ``celery.app.trace.TraceInfo.handle_failure``. An exception the
+    function returned (never raised) has no traceback: its text is the exception alone.
+    """
+    pickleable = get_pickleable_exception(exc)
+    if pickleable.__traceback__ is None:
+        pickleable.__traceback__ = exc.__traceback__
+    etype = get_pickleable_etype(type(exc))
+    if pickleable.__traceback__ is None:
+        return _UnraisedExceptionInfo(etype, pickleable)
+    return ExceptionInfo(exc_info=(etype, pickleable, pickleable.__traceback__))
+
+
+def raw_exception(einfo: ExceptionInfo) -> BaseException:
+    """The exception an ``ExceptionInfo`` holds (billiard wraps it in ``ExceptionWithTraceback``)."""
+    exc = einfo.exception
+    return exc.exc if isinstance(exc, ExceptionWithTraceback) else exc
+
+
+class _UnraisedExceptionInfo(ExceptionInfo):
+    """``billiard.einfo.ExceptionInfo`` of an exception that was never raised (no frames)."""
+
+    def __init__(self, etype: type[BaseException], exc: BaseException) -> None:
+        self.type = etype
+        self.tb = None
+        self.internal = False
+        self.traceback = "".join(traceback.format_exception_only(etype, exc))
+        self.exception = ExceptionWithTraceback(exc, self.traceback)
+
+
+def is_outage(exc: BaseException, backend: Any) -> bool:
+    """Whether ``exc`` means a server (result backend or broker) could not be reached, as
+    opposed to a bad value or a bug: an outage hands the item back to the broker to run again."""
+    from kombu.exceptions import OperationalError
+
+    errors = (ConnectionError, TimeoutError, OSError, OperationalError,
+              *tuple(getattr(backend, "connection_errors", ()) or ()))
+    return isinstance(exc, errors)
+
+
+def store_errors_for(task: Any, ctx: Context) -> bool:
+    """Mirrors ``TraceInfo.handle_error_state``'s ``store_errors`` for a worker (not eager) run."""
+    return bool(task.store_errors_even_if_ignored) if ignores_result(task, ctx) else True
+
+
+def failure_hooks(task: Any, ctx: Context, einfo: ExceptionInfo) -> None:
+    """``on_failure`` and ``task_failure`` for one item whose failure is stored.
+
+    Mirrors the end of ``celery.app.trace.TraceInfo.handle_failure`` (after
+    ``backend.mark_as_failure``) except its per-task error log: the batch logs one line, and one
+    traceback, for all its failed items. A raising hook is logged and the failure stands.
+    """
+    exc = raw_exception(einfo)
+    try:
+        task.on_failure(exc, ctx.id, ctx.args, ctx.kwargs, einfo)
+        if signals.task_failure.receivers:
+            signals.task_failure.send(sender=task, task_id=ctx.id, exception=exc, args=ctx.args,
+                                      kwargs=ctx.kwargs, traceback=exc.__traceback__, einfo=einfo)
+    except Exception:
+        logging.getLogger(__name__).exception("%s[%s]: on_failure or a task_failure receiver raised",
+                                              task.name, ctx.id)
+
+
+def record_retry(task: Any, ctx: Context, reason: Retry) -> ExceptionInfo:
+    """Store one item's RETRY state, run ``on_retry`` and ``task_retry``.
+
+    Mirrors ``celery.app.trace.TraceInfo.handle_retry`` except its per-task INFO log line.
+    """
+    einfo = ExceptionInfo((type(reason), reason, reason.__traceback__))
+    if store_errors_for(task, ctx):
+        task.backend.mark_as_retry(ctx.id, reason.exc, einfo.traceback, request=ctx)
+    task.on_retry(reason.exc, ctx.id, ctx.args, ctx.kwargs, einfo)
+    if signals.task_retry.receivers:
+        signals.task_retry.send(sender=task, request=ctx, reason=reason, einfo=einfo)
+    return einfo
+
+
 StoreEntry = tuple[str, Any, Context]  # task_id, value, item context
 _ITEM_ERRORS = (EncodeError, TypeError, ValueError, BackendStoreError)
 
 
-def store_results(task: Task, entries: Sequence[StoreEntry], state: str,
+def store_results(task: Any, entries: Sequence[StoreEntry], state: str,
                   on_error: Callable[[int, BaseException], None]) -> None:
-    """Store many items' results with as few backend round trips as the backend allows.
+    """Store many items' results (``STARTED``, or ``SUCCESS`` where the pool must store them).
 
-    Key-value backends: one ``MGET`` to skip items whose SUCCESS is already stored (the
-    duplicate-delivery guard of ``BaseKeyValueStoreBackend._store_result``), then one Redis
-    pipeline of ``SET``/``SETEX`` + ``PUBLISH`` per item (``RedisBackend._set``), or one ``set``
-    per item on other key-value backends. Other backends (database, rpc, ...) go through
-    ``backend.store_result`` one by one. An item whose value can't be encoded is reported through
-    ``on_error(index, exc)`` and nothing is stored for it; the rest are stored. Connection errors
-    are retried with the backend's retry policy, then raised (the batch's items then fail).
+    Key-value backends: one ``MGET`` to skip items whose SUCCESS is already stored (the guard of
+    ``BaseKeyValueStoreBackend._store_result``), then one Redis pipeline of ``SET``/``SETEX`` +
+    ``PUBLISH`` per item (``RedisBackend._set``), or one ``set`` per item elsewhere. Other
+    backends go through ``backend.store_result``. An item whose value can't be encoded goes to
+    ``on_error(index, exc)``; connection errors are retried with the backend's policy, then raised.
     Mirrors ``BaseKeyValueStoreBackend._store_result`` and ``Backend.store_result``.
     """
     backend = task.backend
@@ -150,13 +329,12 @@ def store_results(task: Task, entries: Sequence[StoreEntry], state: str,
             except _ITEM_ERRORS as exc:  # this item's value; connection errors propagate
                 on_error(i, exc)
         return
-
-    keys: list[bytes | str] = []
+    keys: list[Any] = []
     values: list[Any] = []
-    result_meta = _result_meta_factory(backend, state)
     for i, (task_id, value, ctx) in enumerate(entries):
         try:
-            meta = result_meta(backend.encode_result(value, state), ctx)
+            meta = backend._get_result_meta(result=backend.encode_result(value, state),
+                                            state=state, traceback=None, request=ctx)
             meta["task_id"] = bytes_to_str(task_id)
             encoded = backend.encode(meta)
         except Exception as exc:
@@ -172,11 +350,10 @@ def store_results(task: Task, entries: Sequence[StoreEntry], state: str,
         todo = [(k, v) for k, v, cur in zip(keys, values, current)
                 if not (cur and backend.decode_result(cur).get("status") == states.SUCCESS)]
         if RedisBackend is not None and isinstance(backend, RedisBackend):
-            expires = backend.expires
             with backend.client.pipeline(transaction=False) as pipe:
                 for key, value in todo:
-                    if expires:
-                        pipe.setex(key, expires, value)
+                    if backend.expires:
+                        pipe.set(key, value, ex=backend.expires)
                     else:
                         pipe.set(key, value)
                     pipe.publish(key, value)
@@ -191,35 +368,53 @@ def store_results(task: Task, entries: Sequence[StoreEntry], state: str,
         backend._ensure_retryable(_write)
 
 
-def _result_meta_factory(backend: Any, state: str) -> Callable[[Any, Context], dict[str, Any]]:
-    """``backend._get_result_meta`` for a whole batch.
-
-    Without ``result_extended`` the meta only varies in result, group and parent: build it
-    directly, with one ``date_done`` for the batch (they finish together). Mirrors
-    ``celery.backends.base.Backend._get_result_meta`` (Celery 5.5-5.7).
-    """
-    if backend.app.conf.find_value_for_key("extended", "result"):
-        return lambda result, ctx: backend._get_result_meta(result=result, state=state,
-                                                            traceback=None, request=ctx)
-    date_done = backend.app.now().isoformat() if state in backend.READY_STATES else None
-
-    def meta(result: Any, ctx: Context) -> dict[str, Any]:
-        out = {"status": state, "result": result, "traceback": None,
-               "children": backend.current_task_children(ctx), "date_done": date_done}
-        if getattr(ctx, "group", None):
-            out["group_id"] = ctx.group
-        if getattr(ctx, "parent_id", None):
-            out["parent_id"] = ctx.parent_id
-        return out
-    return meta
-
-
 def _has_mget(backend: BaseKeyValueStoreBackend) -> bool:
     return type(backend).mget is not BaseKeyValueStoreBackend.mget
 
 
-def ignores_result(task: Task, ctx: Context) -> bool:
+def ignores_result(task: Any, ctx: Any) -> bool:
     """Mirrors ``celery.app.task.get_actual_ignore_result``: the message's flag, else the task's."""
-    value = ctx.__dict__.get("ignore_result")
+    value = ctx.get("ignore_result") if isinstance(ctx, dict) else ctx.__dict__.get("ignore_result")
     return bool(task.ignore_result if value is None else value)
 
+
+def has_success_hooks(task: Any) -> bool:
+    """Whether anything runs after an item succeeds: the hooks Celery's tracer calls."""
+    from celery.app.trace import task_has_custom
+
+    return bool(task_has_custom(task, "on_success") or task_has_custom(task, "after_return")
+                or signals.task_success.receivers or signals.task_postrun.receivers)
+
+
+def run_success_hooks(task: Any, ctx: Context, retval: Any, runtime: float) -> None:
+    """What Celery's tracer runs after an ordinary task succeeds and its result is stored.
+
+    Mirrors ``celery.app.trace.build_tracer`` (``on_success``, ``task_success``,
+    ``after_return``, ``task_postrun``). A failing hook is logged, like Celery's tracer.
+    """
+    from celery.app.trace import task_has_custom
+
+    task.request_stack.push(ctx)
+    try:
+        if task_has_custom(task, "on_success"):
+            task.on_success(retval, ctx.id, ctx.args, ctx.kwargs)
+        if signals.task_success.receivers:
+            signals.task_success.send(sender=task, result=retval, runtime=runtime)
+        if task_has_custom(task, "after_return"):
+            task.after_return(states.SUCCESS, retval, ctx.id, ctx.args, ctx.kwargs, None)
+        if signals.task_postrun.receivers:
+            signals.task_postrun.send(sender=task, task_id=ctx.id, task=task, args=ctx.args,
+                                      kwargs=ctx.kwargs, retval=retval, state=states.SUCCESS)
+    finally:
+        task.request_stack.pop()
+
+
+def announce_prerun(task: Any, contexts: Iterable[Context]) -> None:
+    """``task_prerun`` per item, as ``celery.app.trace.build_tracer`` sends it."""
+    for ctx in contexts:
+        task.request_stack.push(ctx)
+        try:
+            signals.task_prerun.send(sender=task, task_id=ctx.id, task=task, args=ctx.args,
+                                     kwargs=ctx.kwargs)
+        finally:
+            task.request_stack.pop()

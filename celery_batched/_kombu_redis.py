@@ -4,22 +4,26 @@ Per message, kombu's Redis transport costs three round trips: a BRPOP, a pipelin
 message as unacknowledged (``QoS.append``), and a pipeline removing that record on ack
 (``QoS.ack``). The profile of a draining worker shows those round trips, not Python, as its cost.
 
-* ``install_bulk_fetch``: after each BRPOP, one Lua script pops up to the free prefetch slots
-  from the same queue and records every popped message in kombu's unacked hash and index, the
-  same records ``QoS.append`` writes -- atomically, so a crash can't lose a popped message: it is
-  restored after ``visibility_timeout`` like any unacknowledged message.
-* ``ack_many``: the acknowledgements of a batch in one pipeline.
-* ``RedisBulkPublisher``: bulk submit's messages in LPUSH pipelines.
+* ``install_bulk_fetch``: after each BRPOP, one Lua script pops more messages of the same queue
+  -- as many as the prefetch count allows, at most ``BULK_FETCH_MAX`` and about
+  ``BULK_FETCH_MAX_BYTES`` -- and records each in kombu's unacked hash and index, the records
+  ``QoS.append`` writes: atomically, so a crash can't lose a popped message (it is restored after
+  ``visibility_timeout`` like any unacknowledged message).
+* ``ack_many``: the acknowledgements of a batch in one round trip.
+* ``RedisBulkPublisher``: bulk submit's messages in LPUSH pipelines, each sent exactly once.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import time
-from queue import Empty  # what kombu's Redis _brpop_read raises for an empty reply
 from collections.abc import Sequence
+from queue import Empty  # what kombu's Redis _brpop_read raises for an empty reply
 from typing import Any
+
+from .errors import BulkPublishError
 
 logger = logging.getLogger(__name__)
 
@@ -27,22 +31,29 @@ try:
     from kombu.transport import redis as kombu_redis
     from kombu.transport.virtual.base import QoS as VirtualQoS
     from kombu.utils.encoding import bytes_to_str
-    from kombu.utils.json import dumps, loads
+    from kombu.utils.json import dumps, object_hook
 except ImportError:  # pragma: no cover
     kombu_redis = None  # type: ignore[assignment]
 
 #: Messages popped per script call at most, whatever the prefetch allows.
 BULK_FETCH_MAX = 256
+#: Bytes popped per script call, about (the message that crosses it is the last one).
+BULK_FETCH_MAX_BYTES = 4 * 1024 * 1024
+
+# kombu.utils.json.loads builds a new JSONDecoder on every call; same hook, built once.
+_decode = json.JSONDecoder(object_hook=object_hook).decode
 
 # KEYS: unacked hash, unacked index, then the queue's lists by priority (BRPOP's order).
-# ARGV: how many to pop, now. The hash value is kombu's ``dumps([raw_message, exchange,
+# ARGV: how many to pop, now, byte cap. The hash value is kombu's ``dumps([raw_message, exchange,
 # routing_key])``, assembled around the raw JSON text so the message is stored byte for byte.
 _POP_AND_TRACK = """
 local function js(v) if v == nil then return 'null' end return cjson.encode(v) end
 local out = {}
 local n = tonumber(ARGV[1])
+local max_bytes = tonumber(ARGV[3])
+local bytes = 0
 for k = 3, #KEYS do
-  while #out < n do
+  while #out < n and bytes < max_bytes do
     local raw = redis.call('RPOP', KEYS[k])
     if not raw then break end
     local props = cjson.decode(raw)['properties']
@@ -51,6 +62,7 @@ for k = 3, #KEYS do
     redis.call('ZADD', KEYS[2], ARGV[2], tag)
     redis.call('HSET', KEYS[1], tag, '[' .. raw .. ', ' .. js(info['exchange']) .. ', ' .. js(info['routing_key']) .. ']')
     out[#out + 1] = raw
+    bytes = bytes + #raw
   end
 end
 return out
@@ -78,7 +90,7 @@ def install_bulk_fetch(channel: Any) -> bool:
             dest, item = dest_item
             dest = bytes_to_str(dest).rsplit(channel.sep, 1)[0]
             channel._queue_cycle.rotate(dest)
-            channel.connection._deliver(loads(bytes_to_str(item)), dest)
+            channel.connection._deliver(_decode(bytes_to_str(item)), dest)
         finally:
             channel._in_poll = None  # type: ignore[assignment]  # kombu's hint says bool; it stores None
             flush_reauth = getattr(channel, "_flush_brpop_reauth", None)
@@ -93,13 +105,15 @@ def install_bulk_fetch(channel: Any) -> bool:
 
 def _deliver_more(channel: Any, script: Any, queue: str) -> None:
     qos = channel.qos
+    if not qos.can_consume():  # the prefetch count, and Celery's worker_disable_prefetch rule
+        return
     free = qos.can_consume_max_estimate()
     n = BULK_FETCH_MAX if free is None else min(free, BULK_FETCH_MAX)
     if n <= 0:
         return
     keys = [channel.unacked_key, channel.unacked_index_key,
             *(channel._q_for_pri(queue, pri) for pri in channel.priority_steps)]
-    raws = script(keys=keys, args=[n, time.time()], client=channel.client)
+    raws = script(keys=keys, args=[n, time.time(), BULK_FETCH_MAX_BYTES], client=channel.client)
     if not raws:
         return
     # The script already wrote what kombu's QoS.append writes to Redis: keep only its in-memory part.
@@ -108,7 +122,7 @@ def _deliver_more(channel: Any, script: Any, queue: str) -> None:
     try:
         for raw in raws:
             try:
-                channel.connection._deliver(loads(bytes_to_str(raw)), queue)
+                channel.connection._deliver(_decode(bytes_to_str(raw)), queue)
             except Exception as exc:  # deliver the rest; a failed one stays unacked -> restored
                 error = error or exc
     finally:
@@ -117,47 +131,52 @@ def _deliver_more(channel: Any, script: Any, queue: str) -> None:
         raise error
 
 
-def ack_many(requests: Sequence[Any]) -> None:
-    """Acknowledge many requests' messages; on kombu's Redis transport in one round trip.
+def ack_many(messages: Sequence[Any], connection_errors: tuple[type[BaseException], ...] = ()) -> None:
+    """Acknowledge many messages; on kombu's Redis transport in one round trip.
 
-    kombu's Redis ``QoS.ack`` runs one pipeline (ZREM + HDEL of the unacked records) per
-    message; this runs one pipeline for all, then the in-memory rest of ``QoS.ack`` and what
-    ``Message.ack`` / ``Request.acknowledge`` record, so those stay no-ops afterwards. Other
-    transports (AMQP acks cost no round trip) use ``Request.acknowledge`` as usual.
+    kombu's Redis ``QoS.ack`` runs one pipeline (``ZREM`` + ``HDEL`` of the unacked records,
+    ``QoS._remove_from_indices``) per message; this removes all the batch's records with one
+    ``ZREM`` and one ``HDEL``, then does the in-memory rest of ``QoS.ack`` and ``Message.ack``.
+    Other transports (AMQP acks cost no round trip) ack each message as Celery does.
     """
-    pending = [req for req in requests if not req.acknowledged]
+    pending = [m for m in messages if not m.acknowledged]
     if not pending:
         return
-    messages = [req._message for req in pending]
-    channel = messages[0].channel
+    channel = pending[0].channel
     qos = getattr(channel, "qos", None)
     if (kombu_redis is None or not isinstance(qos, kombu_redis.QoS)
-            or any(m.channel is not channel or m.acknowledged for m in messages)):
-        for req in pending:
-            req.acknowledge()
+            or any(m.channel is not channel for m in pending)):
+        for m in pending:
+            m.ack_log_error(logger, connection_errors)
         return
+    tags = [m.delivery_tag for m in pending]
     try:
         with channel.conn_or_acquire() as client, client.pipeline(transaction=False) as pipe:
-            for m in messages:
-                qos._remove_from_indices(m.delivery_tag, pipe)
+            pipe.zrem(channel.unacked_index_key, *tags)
+            pipe.hdel(channel.unacked_key, *tags)
             pipe.execute()
     except Exception:  # connection trouble: let each ack try (and log) on its own
-        for req in pending:
-            req.acknowledge()
+        for m in pending:
+            m.ack_log_error(logger, connection_errors)
         return
-    for req, m in zip(pending, messages):
+    for m in pending:
         VirtualQoS.ack(qos, m.delivery_tag)
         m._state = "ACK"
-        req.acknowledged = True
 
 
 class RedisBulkPublisher:
-    """Publish many messages to one queue in Redis pipelines of ``flush_every`` LPUSHes.
+    """Publish many messages to one queue in LPUSH pipelines of ``flush_every`` messages.
 
     Mirrors what ``Producer._publish`` -> ``virtual.Channel.basic_publish`` -> Redis
     ``Channel._put`` do for the default exchange (kombu 5.5-5.7): ``prepare_message``,
     ``_inplace_augment_message`` (body encoding, delivery tag and info), then LPUSH onto the
     queue's list for the message's priority -- without the per-message routing and dispatch.
+
+    Each pipeline is written once on a connection of its own, never retried: redis-py retries a
+    pipeline whose connection broke, which would push the messages that had already arrived a
+    second time. A broken pipeline raises :class:`BulkPublishError` saying how many messages were
+    surely sent and how many may or may not have been (kombu's ``PublishBatch`` takes the same
+    stance: it refuses to batch where the client retries).
     """
 
     def __init__(self, channel: Any, queue: str, flush_every: int = 1000) -> None:
@@ -165,8 +184,9 @@ class RedisBulkPublisher:
         self.queue = queue
         self.flush_every = flush_every
         self._client_cm = channel.conn_or_acquire()
-        self.pipe = self._client_cm.__enter__().pipeline(transaction=False)
-        self.pending = 0
+        self.client = self._client_cm.__enter__()
+        self.commands: list[tuple[Any, ...]] = []
+        self.sent = 0
 
     @classmethod
     def for_channel(cls, channel: Any, queue: str) -> RedisBulkPublisher | None:
@@ -183,16 +203,39 @@ class RedisBulkPublisher:
                                           headers, properties)
         channel._inplace_augment_message(message, "", self.queue)
         key = channel._q_for_pri(self.queue, channel._get_message_priority(message, reverse=False))
-        self.pipe.lpush(key, dumps(message))
-        self.pending += 1
-        if self.pending >= self.flush_every:
+        self.commands.append(("LPUSH", key, dumps(message)))
+        if len(self.commands) >= self.flush_every:
             self.flush()
 
+    def add_command(self, *args: Any) -> None:
+        """Another command for the same pipeline (the task-sent events' PUBLISH)."""
+        self.commands.append(args)
+
     def flush(self) -> None:
-        if self.pending:
-            self.pipe.execute()
-            self.pending = 0
+        commands, self.commands = self.commands, []
+        if not commands:
+            return
+        pool = self.client.connection_pool
+        try:
+            conn = pool.get_connection()
+        except TypeError:  # redis-py < 5.3 wants a command name
+            conn = pool.get_connection("LPUSH")
+        try:
+            conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+            for _ in commands:
+                conn.read_response()
+        except Exception as exc:
+            conn.disconnect()
+            lpushes = sum(1 for c in commands if c[0] == "LPUSH")
+            raise BulkPublishError(
+                f"bulk submit to {self.queue!r} broke off ({type(exc).__name__}: {exc}): "
+                f"{self.sent} message(s) were sent, the next {lpushes} may or may not have "
+                f"been, the rest were not. Retrying the uncertain ones may run them twice.",
+                sent=self.sent, uncertain=lpushes) from exc
+        finally:
+            pool.release(conn)
+        self.sent += sum(1 for c in commands if c[0] == "LPUSH")
 
     def close(self) -> None:
-        self.pipe.reset()
+        self.commands = []
         self._client_cm.__exit__(None, None, None)

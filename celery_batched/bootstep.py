@@ -1,9 +1,12 @@
-"""The consumer bootstep that owns every batched task's buffer in a worker.
+"""The consumer bootstep that wires a worker's batching path, and its remote-control commands.
 
 Registered on the app's consumer blueprint as soon as a ``BatchedTask`` is bound to the app.
-It lives as long as the consumer; its buffers live as long as one broker connection: when the
-connection is lost or the worker stops, buffered messages are handed back to the broker
-(rejected with requeue) rather than run, since their delivery tags die with the channel.
+What lives as long as the worker is made at the first start: the consumer-thread hand-off, the
+result writer, the dispatcher. What lives as long as one broker connection is made at every
+start: the buffers and the prefetch credit. When the connection is lost or the worker stops,
+buffered messages are handed back to the broker (rejected with requeue) rather than run, since
+their delivery tags die with the channel; running batches finish and are acknowledged when their
+results are stored -- at shutdown, before the event loop closes.
 """
 
 from __future__ import annotations
@@ -13,14 +16,22 @@ from typing import Any
 
 from celery import bootsteps
 from celery.utils.log import get_logger
-from celery.worker.control import inspect_command
-from celery.worker.state import task_ready
+from celery.worker.control import Panel, control_command, inspect_command
 
+from . import _celery_internals as celery_internals
 from ._kombu_redis import install_bulk_fetch
-from .buffer import BatchBuffer, PrefetchCredit
-from .dispatch import BatchDispatcher
+from .buffer import BatchBuffer
+from .completion import Completion
+from .consumer_thread import ConsumerThread
+from .dispatch import Batch, BatchDispatcher
+from .prefetch import Prefetch
+from .worker_checks import check_worker
+from .writer import ResultWriter
 
 logger = get_logger(__name__)
+
+#: How long a stopping worker waits for running batches' results to be stored, at most.
+SHUTDOWN_DRAIN_S = 60.0
 
 
 class BatchingStep(bootsteps.StartStopStep):
@@ -37,56 +48,78 @@ class BatchingStep(bootsteps.StartStopStep):
         self.consumer = c
         self.buffers: dict[str, BatchBuffer] = {}
         self.batch_sizes: dict[str, Counter[int]] = {}
-        self._dispatcher: BatchDispatcher | None = None
+        self.flush_reasons: dict[str, Counter[str]] = {}
+        self.thread: ConsumerThread | None = None
+        self.writer: ResultWriter | None = None
+        self.dispatcher: BatchDispatcher | None = None
+        self.prefetch: Prefetch | None = None
 
     def start(self, c: Any) -> None:
+        if self.thread is None:  # first start: what lives as long as the worker
+            check_worker(c.app, c.connection.transport.driver_type)
+            self.thread = ConsumerThread(c)
+            self.writer = ResultWriter(on_written=self._written)
+            self.thread.before_close(lambda: self._drain_writer())
+            self.dispatcher = BatchDispatcher(
+                c, self.thread, Completion(c, self.thread.call_ack), self.writer,
+                self.slots, on_batch=self._count_batch, on_slot_free=self._flush_due)
+        else:
+            self.thread.arm()
         self.buffers = {}
         if c.app.conf.get("batching_redis_bulk_fetch", True) and c.task_consumer is not None:
             install_bulk_fetch(c.task_consumer.channel)
-        eventer = c.event_dispatcher
-        self._dispatcher = BatchDispatcher(
-            c.pool, c.hostname, send_repr=bool(eventer and eventer.enabled),
-            on_batch=self._count_batch, on_slot_free=self._flush_due, slots=_pool_slots(c.pool))
+        disable = bool(c.app.conf.get("worker_disable_prefetch")) and \
+            c.connection.transport.driver_type == "redis"
+        self.prefetch = Prefetch(c.qos, self.slots, disable_prefetch=disable)
+        if disable and c.task_consumer is not None:
+            self._disable_prefetch(c.task_consumer.channel.qos)
+        self.prefetch.apply()
+
+    def slots(self) -> int:
+        """How many batches the pool runs at once, now (prefork processes with ``--autoscale``
+        included, threads, or 1 for solo)."""
+        pool = self.consumer.pool
+        return int(getattr(pool, "num_processes", None) or getattr(pool, "limit", None) or 1)
+
+    def _disable_prefetch(self, channel_qos: Any) -> None:
+        """``worker_disable_prefetch``: Celery fetches only while a pool process is free,
+        counting reserved requests -- buffered items are reserved, so batches would stay at one
+        item. This replaces Celery's rule (``celery.worker.consumer.tasks.Tasks.start``) with the
+        same rule for everything but batching's own items, and batching's: fetch while a pool
+        process is free."""
+        kombu_rule = type(channel_qos).can_consume
+        reserved = celery_internals.reserved_requests
+        controller = self.consumer.controller
+
+        def can_consume() -> bool:
+            assert self.dispatcher is not None and self.prefetch is not None
+            if self.dispatcher.pool_busy():
+                return False
+            limit = getattr(controller, "max_concurrency", None) or self.slots()
+            if len(reserved()) - self.prefetch.held() >= limit:
+                return False
+            return bool(kombu_rule(channel_qos))
+
+        channel_qos.can_consume = can_consume
 
     def buffer_for(self, task: Any) -> BatchBuffer:
         buffer = self.buffers.get(task.name)
         if buffer is None:
+            assert self.prefetch is not None and self.dispatcher is not None
             spec = task._batch_spec
-            c = self.consumer
-            assert self._dispatcher is not None
-            slots = self._dispatcher.slots
-            # Each pool slot running a batch, one waiting for a slot, one filling: the pool
-            # never waits on the broker, and the worker never holds the whole queue.
-            credit = PrefetchCredit(c.qos, cap=spec.max_batch_size * (slots + 2),
-                                    headroom=spec.max_batch_size)
             buffer = self.buffers[task.name] = BatchBuffer(
-                spec, c.timer, credit, self._dispatcher, pool_busy=self._dispatcher.pool_busy)
-            self._check_visibility_timeout(task)
+                spec, self.consumer.timer, self.prefetch.credit_for(spec.max_batch_size),
+                self.dispatcher, pool_busy=self.dispatcher.pool_busy)
         return buffer
-
-    def _check_visibility_timeout(self, task: Any) -> None:
-        """Redis redelivers a message unacknowledged for ``visibility_timeout``: warn if a batch
-        can outlast it (buffered wait + time limit), since its items would then run twice."""
-        c = self.consumer
-        if getattr(c.connection.transport, "driver_type", None) != "redis":
-            return
-        visibility = float((c.app.conf.broker_transport_options or {}).get("visibility_timeout", 3600))
-        worst = task._batch_spec.wait_s + float(task.time_limit or 0)
-        if worst >= visibility or (not task.time_limit and visibility < 600):
-            logger.warning(
-                "celery_batched: %s: Redis visibility_timeout is %.0fs; a message buffered for "
-                "wait_ms plus a batch running longer than that is delivered again. Set "
-                "time_limit on the task and keep visibility_timeout above wait_ms + time_limit.",
-                task.name, visibility)
 
     def stop(self, c: Any) -> None:
         """Hand every buffered (not yet running) message back to the broker."""
         handed_back = 0
         for buffer in self.buffers.values():
             batch = buffer.take_all()
-            for req in batch:
-                req.reject(requeue=True)
-                task_ready(req)
+            for item in batch:
+                item.reject(requeue=True)
+                celery_internals.task_ready(item)
             buffer.credit.release(len(batch))
             handed_back += len(batch)
         self.buffers = {}
@@ -96,13 +129,30 @@ class BatchingStep(bootsteps.StartStopStep):
 
     def shutdown(self, c: Any) -> None:
         self.stop(c)
+        if self.thread is not None and not self.thread.has_loop:
+            self._drain_writer()  # no event loop: its close can't do it
+            c.perform_pending_operations()
+        if self.writer is not None:
+            self.writer.stop()
+
+    def _drain_writer(self) -> None:
+        if self.writer is not None and not self.writer.drain(SHUTDOWN_DRAIN_S):
+            logger.error("celery_batched: %d batch(es) still waiting for their results to be "
+                         "stored after %ss; their messages stay unacknowledged and will be "
+                         "delivered again", self.writer.pending, SHUTDOWN_DRAIN_S)
+
+    def _written(self, batch: Batch, reply: Any, written: Any) -> None:
+        assert self.dispatcher is not None
+        self.dispatcher.written(batch, reply, written)
 
     def _flush_due(self) -> None:
         for buffer in list(self.buffers.values()):
             buffer.flush_if_due()
 
-    def _count_batch(self, task_name: str, size: int) -> None:
-        self.batch_sizes.setdefault(task_name, Counter())[size] += 1
+    def _count_batch(self, batch: Batch) -> None:
+        name = batch.task.name
+        self.batch_sizes.setdefault(name, Counter())[len(batch.items)] += 1
+        self.flush_reasons.setdefault(name, Counter())[batch.reason] += 1
 
     def info(self, c: Any) -> dict[str, Any]:
         return {"batching": self.stats()}
@@ -115,15 +165,11 @@ class BatchingStep(bootsteps.StartStopStep):
                 "batches": sum(sizes.values()),
                 "items": sum(size * n for size, n in sizes.items()),
                 "batch_sizes": {str(size): n for size, n in sorted(sizes.items())},
+                "flush_reasons": dict(self.flush_reasons.get(name, {})),
                 "buffered": len(buffer) if buffer else 0,
                 "held": buffer.credit.held if buffer else 0,
             }
         return out
-
-
-def _pool_slots(pool: Any) -> int:
-    """How many batches the pool runs at once: prefork processes, threads, or 1 (solo)."""
-    return int(getattr(pool, "num_processes", None) or getattr(pool, "limit", None) or 1)
 
 
 @inspect_command()
@@ -134,3 +180,20 @@ def batching_stats(state: Any, **kwargs: Any) -> dict[str, Any]:
     """
     batching = getattr(state.consumer, "batching", None)
     return batching.stats() if batching is not None else {}
+
+
+_celery_rate_limit = Panel.data["rate_limit"]
+
+
+@control_command(
+    args=[("task_name", str), ("rate_limit", str)],
+    signature="<task_name> <rate_limit (e.g., 5/s | 5/m | 5/h)>",
+)
+def rate_limit(state: Any, task_name: str, rate_limit: str, **kwargs: Any) -> Any:
+    """Celery's ``rate_limit`` command, which refuses batched tasks instead of ignoring them."""
+    task = state.app.tasks.get(task_name)
+    if task is not None and getattr(task, "_batch_spec", None) is not None:
+        return {"error": f"{task_name} is a batched task: rate limits don't apply to it (a batch "
+                         f"is the unit of work); bound its throughput with max_batch_size and the "
+                         f"number of pool processes instead"}
+    return _celery_rate_limit(state, task_name, rate_limit, **kwargs)

@@ -1,10 +1,13 @@
 """Message -> buffer: the consumer-side strategy of batched tasks.
 
-Celery calls a task's *strategy* for every message of that task the worker receives. This one
-mirrors ``celery.worker.strategy.default`` (Celery 5.5-5.7) -- same Request class, logging,
-revocation check, ``task_received`` signal, ``task-received`` event and ETA handling -- but where
-the default hands the request to the pool, this one puts it in the task's buffer. Rate limits
-(token buckets per task) don't apply: a batch is the unit of work.
+Celery calls a task's *strategy* for every message of that task. Celery's default strategy
+(``celery.worker.strategy.default``) decodes the body and builds a ``Request`` per message; for a
+batched task that was a third of the consumer's time. This one puts each protocol-2 message into
+the buffer as an :class:`~celery_batched.items.Item` -- headers and the still-encoded body -- and
+keeps what users see: the revoke and expiry checks, the ``task_received`` signal, the
+``task-received`` event, the accept-content check, ETA handling. A ``Request`` is built only for
+ETA items, legacy (protocol 1) messages and ``task_received`` receivers, which expect one.
+Rate limits (token buckets per message) are refused for batched tasks: see ``bootstep.py``.
 """
 
 from __future__ import annotations
@@ -14,15 +17,19 @@ from typing import Any
 
 from celery import signals
 from celery.app import trace as _app_trace
+from celery.exceptions import InvalidTaskError
 from celery.utils.imports import symbol_by_name
 from celery.utils.log import get_logger
 from celery.utils.time import timezone
+from celery.worker import state as worker_state
 from celery.worker.request import create_request_cls
-from celery.worker.state import task_reserved, task_scheduled
 from celery.worker.strategy import hybrid_to_proto2, proto1_to_proto2
 from kombu.asynchronous.timer import to_timestamp
+from kombu.exceptions import ContentDisallowed
 
+from . import _celery_internals as celery_internals
 from .errors import BatchingNotInstalledError
+from .items import Item, ItemSource
 
 logger = get_logger(__name__)
 
@@ -36,78 +43,91 @@ def batching_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Any:
             f"add app.steps['consumer'].add(celery_batched.BatchingStep) where the app is defined")
     hostname = consumer.hostname
     connection_errors = consumer.connection_errors
-    # Per item at DEBUG, not INFO as Celery's default strategy: a batched worker takes thousands
-    # of items a second, and the buffer's flush logs one INFO line per batch instead.
     does_debug = logger.isEnabledFor(logging.DEBUG)
-    eventer = consumer.event_dispatcher
-    task_sends_events = eventer and eventer.enabled and task.send_events
-    send_event = eventer and eventer.send
     call_at = consumer.timer.call_at
     Req = create_request_cls(symbol_by_name(task.Request), task, consumer.pool, hostname,
-                             eventer, app=app)
-    revoked_tasks = consumer.controller.state.revoked
-    name = task.name
+                             consumer.event_dispatcher, app=app)
+    revoked_tasks = worker_state.revoked
+    accept = celery_internals.accepted_content_types(app)
+    utc = app.uses_utc_timezone()
+    task_scheduled = getattr(worker_state, "task_scheduled", None)  # Celery >= 5.6
 
-    def enter_buffer(req: Any) -> None:
-        task_reserved(req)
-        batching.buffer_for(task).put(req)
+    def build_request(item: Item, body: Any = None, headers: Any = None, decoded: bool = False) -> Any:
+        req = Req(item.message, on_ack=item.on_ack, on_reject=item.on_reject, app=app,
+                  hostname=hostname, eventer=consumer.event_dispatcher, task=task,
+                  connection_errors=connection_errors, body=body or item.message.body,
+                  headers=headers or item.headers, decoded=decoded, utc=utc)
+        return req
 
-    def eta_due(req: Any) -> None:
+    source = ItemSource(task, build_request, connection_errors)
+
+    def enter_buffer(item: Item) -> None:
+        celery_internals.task_reserved(item)
+        batching.buffer_for(task).put(item)
+
+    def eta_due(item: Item) -> None:
         consumer.qos.decrement_eventually()
-        enter_buffer(req)
+        celery_internals.task_ready(item.request())  # leaves the scheduled set
+        enter_buffer(item)
 
     def task_message_handler(message: Any, body: Any, ack: Any, reject: Any, callbacks: Any,
                              **_: Any) -> None:
-        if body is None and "args" not in message.payload:
-            body, headers, decoded, utc = (message.body, message.headers, False,
-                                           app.uses_utc_timezone())
-        elif "args" in message.payload:
-            body, headers, decoded, utc = hybrid_to_proto2(message, message.payload)
-        else:
-            body, headers, decoded, utc = proto1_to_proto2(message, body)
-
-        req = Req(message, on_ack=ack, on_reject=reject, app=app, hostname=hostname,
-                  eventer=eventer, task=task, connection_errors=connection_errors,
-                  body=body, headers=headers, decoded=decoded, utc=utc)
+        headers = message.headers
+        if body is None and "id" in headers:  # protocol 2: the body stays encoded
+            if message.content_type not in accept:
+                raise ContentDisallowed(
+                    f"Refusing to deserialize untrusted content of type {message.content_type} "
+                    f"({message.content_encoding})")
+            item = Item(message, headers, source, ack, reject)
+        else:  # protocol 1, or a hybrid message: Celery's conversion, decoded here
+            if body is None:
+                body, headers, decoded, msg_utc = hybrid_to_proto2(message, message.payload)
+            else:
+                body, headers, decoded, msg_utc = proto1_to_proto2(message, body)
+            if not headers.get("id"):
+                raise InvalidTaskError(f"{task.name}: message without a task id")
+            item = Item(message, headers, source, ack, reject)
+            item._request = build_request(item, body, headers, decoded)
         if does_debug:
             # Payloads stay out of the logs (they may be user data): id, name and ETA only.
-            context = {"id": req.id, "name": req.name, "args": "...", "kwargs": "...",
-                       "eta": req.eta}
+            context = {"id": item.id, "name": task.name, "args": "...", "kwargs": "...",
+                       "eta": headers.get("eta")}
             logger.debug(_app_trace.LOG_RECEIVED, context, extra={"data": context})
-        if (req.expires or req.id in revoked_tasks) and req.revoked():
+        if (item.id in revoked_tasks or headers.get("expires")) and item.revoked():
             return
 
         if signals.task_received.receivers:
-            signals.task_received.send(sender=consumer, request=req)
-        if task_sends_events:
-            send_event("task-received", uuid=req.id, name=req.name, args=req.argsrepr,
-                       kwargs=req.kwargsrepr, root_id=req.root_id, parent_id=req.parent_id,
-                       retries=req.request_dict.get("retries", 0),
-                       eta=req.eta and req.eta.isoformat(),
-                       expires=req.expires and req.expires.isoformat())
-
-        if req.eta:
-            try:
-                if req.utc:
-                    eta = to_timestamp(timezone.to_system(req.eta))
-                else:
-                    eta = to_timestamp(req.eta, app.timezone)
-            except (OverflowError, ValueError) as exc:
-                logger.error("Couldn't convert ETA %r to timestamp: %r. Task: %s[%s]",
-                             req.eta, exc, name, req.id)
-                req.task.backend.mark_as_failure(req.id, exc, request=req._context,
-                                                 store_result=req.store_errors)
-                req.reject(requeue=False)
-                return
-            # Waiting for its ETA, an item takes no batch slot and no prefetch slot.
-            consumer.qos.increment_eventually()
-            req._eta_timer_entry = call_at(eta, eta_due, (req,), priority=6)
-            task_scheduled(req)
+            signals.task_received.send(sender=consumer, request=item.request())
+        if celery_internals.task_events_on(consumer.event_dispatcher, task):
+            consumer.event_dispatcher.send("task-received", uuid=item.id,
+                                           **celery_internals.received_event_fields(headers))
+        if headers.get("eta"):
+            schedule_eta(item)
             return
-
         if callbacks:
+            req = item.request()
             for callback in callbacks:
                 callback(req)
-        enter_buffer(req)
+        enter_buffer(item)
+
+    def schedule_eta(item: Item) -> None:
+        req = item.request()
+        try:
+            if req.utc:
+                eta = to_timestamp(timezone.to_system(req.eta))
+            else:
+                eta = to_timestamp(req.eta, app.timezone)
+        except (OverflowError, ValueError) as exc:
+            logger.error("Couldn't convert ETA %r to timestamp: %r. Task: %s[%s]",
+                         req.eta, exc, task.name, req.id)
+            task.backend.mark_as_failure(req.id, exc, request=req._context,
+                                         store_result=req.store_errors)
+            req.reject(requeue=False)
+            return
+        # Waiting for its ETA, an item takes no batch slot; Celery raises prefetch for it.
+        consumer.qos.increment_eventually()
+        req._eta_timer_entry = call_at(eta, eta_due, (item,), priority=6)
+        if task_scheduled is not None:
+            task_scheduled(req)
 
     return task_message_handler

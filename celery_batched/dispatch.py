@@ -1,130 +1,94 @@
-"""Batch -> pool: send a flushed batch to the pool as ONE job, and route the job's outcome back.
+"""Batch -> pool: send a flushed batch to the pool as ONE job, and route the job's outcome.
 
-Every item is a real ``celery.worker.request.Request``; the job's callbacks call each item's own
-``on_accepted`` / ``on_success`` / ``on_failure`` / ``on_timeout``, so acknowledgement, task
-events (Flower), ``inspect active``, worker-lost and time-limit handling are Celery's own.
+The job carries each item's headers and still-encoded body (``Item.wire``); the pool decodes
+them (``execution.py``). Its callbacks may arrive on a pool thread; each is carried over to the
+consumer's thread (``consumer_thread.py``). Successes the pool left to the worker's main process
+go to the result writer, and the batch completes (acks, events) once they are stored.
 """
 
 from __future__ import annotations
 
-import logging
-import threading
+import itertools
+import time
+import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from celery.utils.log import get_logger
 
-from ._celery_internals import pool_item
-from ._kombu_redis import ack_many
-from .buffer import PrefetchCredit
+from . import _celery_internals as celery_internals
+from ._wire import STORE, BatchReply
+from .completion import Completion
+from .consumer_thread import ConsumerThread
 from .execution import execute_batch
+from .prefetch import TaskCredit
+from .writer import ResultWriter
 
 logger = get_logger(__name__)
 
+_batch_ids = itertools.count(1)
+_id_prefix = uuid.uuid4().hex[:6]
 
-class BatchJob:
-    """The pool callbacks of one batch: fan each one out to the batch's requests."""
 
-    __slots__ = ("requests", "credit", "finished")
+class Batch:
+    """One flushed batch, from the flush to its last ack."""
 
-    def __init__(self, requests: Sequence[Any], credit: PrefetchCredit,
-                 finished: Callable[[], None]) -> None:
-        self.requests = requests
+    __slots__ = ("id", "task", "items", "credit", "reason", "first_buffered_at", "flushed_at",
+                 "want_repr")
+
+    def __init__(self, task: Any, items: Sequence[Any], credit: TaskCredit, reason: str,
+                 want_repr: bool) -> None:
+        self.id = f"{_id_prefix}-{next(_batch_ids)}"
+        self.task = task
+        self.items = items
         self.credit = credit
-        self.finished = finished
-
-    def on_accepted(self, pid: int, time_accepted: float) -> None:
-        for req in self.requests:
-            _guard(req.on_accepted, pid, time_accepted)
-
-    def on_timeout(self, soft: bool, timeout: float) -> None:
-        for req in self.requests:
-            _guard(req.on_timeout, soft, timeout)
-
-    def on_done(self, replies: Any) -> None:
-        if not isinstance(replies, list):  # threads/solo report a lost job as an ExceptionInfo
-            return self.on_error(replies)
-        if logger.isEnabledFor(logging.INFO) and self.requests:
-            # One line per batch, never payloads (Celery's per-task success line logs the result).
-            failed = sum(1 for reply in replies if reply[0])
-            logger.info("Batch of %d %s done in %.3fs: %d succeeded, %d failed or retried",
-                        len(replies), self.requests[0].name, replies[0][2] if replies else 0.0,
-                        len(replies) - failed, failed)
-        try:
-            if self.requests and self.requests[0].task.acks_late:
-                # Results are stored: acknowledge the succeeded items together.
-                _guard(ack_many, [req for req, reply in zip(self.requests, replies) if not reply[0]])
-            for req, reply in zip(self.requests, replies):
-                _guard(req.on_success, reply)
-        finally:
-            self._finished()
-
-    def on_error(self, exc_info: Any) -> None:
-        try:
-            for req in self.requests:
-                _guard(req.on_failure, exc_info)
-        finally:
-            self._finished()
-
-    def _finished(self) -> None:
-        self.credit.release(len(self.requests))
-        self.finished()
-
-
-def _guard(handler: Callable[..., Any], *args: Any) -> None:
-    # One item's handler failing (a backend hiccup while marking it) must not strand the others.
-    try:
-        handler(*args)
-    except Exception:
-        logger.exception("celery_batched: %s raised", getattr(handler, "__qualname__", handler))
+        self.reason = reason
+        self.first_buffered_at = min(it.buffered_at for it in items)
+        self.flushed_at = time.monotonic()
+        self.want_repr = want_repr
 
 
 class BatchDispatcher:
-    """Turns a flushed batch into one pool job."""
+    """Turns a flushed batch into one pool job and its outcome into a completed batch."""
 
-    def __init__(self, pool: Any, hostname: str, send_repr: bool,
-                 on_batch: Callable[[str, int], None], on_slot_free: Callable[[], None],
-                 slots: int) -> None:
-        self.pool = pool
-        self.hostname = hostname
-        self.send_repr = send_repr
+    def __init__(self, consumer: Any, thread: ConsumerThread, completion: Completion,
+                 writer: ResultWriter, slots: Callable[[], int],
+                 on_batch: Callable[[Batch], None], on_slot_free: Callable[[], None]) -> None:
+        self.consumer = consumer
+        self.pool = consumer.pool
+        self.hostname = consumer.hostname
+        self.thread = thread
+        self.completion = completion
+        self.writer = writer
+        self.slots = slots
         self.on_batch = on_batch
         self.on_slot_free = on_slot_free
-        self.slots = slots
         self.in_flight = 0
-        self._lock = threading.Lock()
 
     def pool_busy(self) -> bool:
-        """Every pool process has a batch (running or queued for it)."""
-        return self.in_flight >= self.slots
+        """Every pool process has a batch (running, or queued for it)."""
+        return self.in_flight >= self.slots()
 
-    def _job_finished(self) -> None:
-        with self._lock:
-            self.in_flight -= 1
-        self.on_slot_free()
-
-    def __call__(self, batch: list[Any], credit: PrefetchCredit) -> None:
-        live = [req for req in batch if not req.revoked()]  # revoked()/expired: marked REVOKED, acked
-        if len(live) < len(batch):
-            credit.release(len(batch) - len(live))
+    def __call__(self, items: list[Any], credit: TaskCredit, reason: str) -> None:
+        live = [it for it in items if not it.revoked()]  # revoked/expired: marked REVOKED, acked
+        if len(live) < len(items):
+            credit.release(len(items) - len(live))
         if not live:
             return
         task = live[0].task
-        items = [pool_item(req) for req in live]
-        job = BatchJob(live, credit, self._job_finished)
-        with self._lock:
-            self.in_flight += 1
-        if logger.isEnabledFor(logging.DEBUG):
-            logger.debug("celery_batched: %s: batch of %d", task.name, len(live))
-        self.on_batch(task.name, len(live))
+        batch = Batch(task, live, credit, reason,
+                      celery_internals.task_events_on(self.consumer.event_dispatcher, task))
+        self.in_flight += 1
+        self.on_batch(batch)
+        call = self.thread.call
         try:
             self.pool.apply_async(
                 execute_batch,
-                args=(task, items, self.send_repr, self.hostname),
-                accept_callback=job.on_accepted,
-                callback=job.on_done,
-                error_callback=job.on_error,
-                timeout_callback=job.on_timeout,
+                args=(task, [it.wire() for it in live], batch.want_repr, self.hostname),
+                accept_callback=lambda pid, t: call(self.completion.accepted, batch, pid, t),
+                callback=lambda reply: call(self._done, batch, reply),
+                error_callback=lambda exc_info: call(self._failed, batch, exc_info),
+                timeout_callback=lambda soft, t: call(self.completion.timed_out, batch, soft, t),
                 soft_timeout=task.soft_time_limit,
                 timeout=task.time_limit,
                 correlation_id=live[0].id,
@@ -132,8 +96,28 @@ class BatchDispatcher:
         except Exception:
             logger.exception("celery_batched: %s: the pool refused a batch of %d; "
                              "handing its messages back to the broker", task.name, len(live))
-            for req in live:
-                req.reject(requeue=True)
+            for it in live:
+                it.reject(requeue=True)
+                celery_internals.task_ready(it)
             credit.release(len(live))
-            with self._lock:
-                self.in_flight -= 1
+            self.in_flight -= 1
+
+    def _done(self, batch: Batch, reply: Any) -> None:
+        self.in_flight -= 1
+        if not isinstance(reply, BatchReply):  # threads/solo report a lost job as an ExceptionInfo
+            self.completion.failed(batch, reply)
+        elif STORE in reply.codes:
+            self.writer.submit(batch, reply)
+        else:
+            self.completion.finished(batch, reply, None)
+        self.on_slot_free()
+
+    def _failed(self, batch: Batch, exc_info: Any) -> None:
+        self.in_flight -= 1
+        self.completion.failed(batch, exc_info)
+        self.on_slot_free()
+
+    def written(self, batch: Batch, reply: BatchReply, written: Any) -> None:
+        """The writer stored the batch's results (writer thread): complete it on the consumer."""
+        self.thread.call(self.completion.finished, batch, reply, written)
+

@@ -40,6 +40,14 @@ class BatchResultError(CeleryBatchedError):
     """
 
 
+class ItemDecodeError(CeleryBatchedError):
+    """One item's message body could not be decoded (malformed, or not the declared content type).
+
+    Only that item fails, with this error naming the task, the item and the content type; the
+    rest of its batch runs.
+    """
+
+
 class ItemResultEncodeError(CeleryBatchedError):
     """One item's result could not be encoded by the result serializer (say, a set under JSON).
 
@@ -61,3 +69,28 @@ class BatchingNotInstalledError(CeleryBatchedError):
     bound to the app. Add ``app.steps['consumer'].add(celery_batched.BatchingStep)`` next to
     the app's definition.
     """
+
+
+class WorkerConfigurationError(CeleryBatchedError):
+    """A worker that would run batched tasks is configured so that items would be lost or stuck.
+
+    Raised when the worker starts (it exits with the message), e.g. a result serializer whose
+    library is missing, or a Redis ``visibility_timeout`` shorter than a batch can take.
+    The message says what to install or change.
+    """
+
+
+class BulkPublishError(CeleryBatchedError):
+    """Bulk submit broke off (the broker connection failed mid-way).
+
+    ``sent`` messages were surely published, the next ``uncertain`` may or may not have been,
+    the rest were not. The message says so; retrying the uncertain ones may run them twice.
+    """
+
+    def __init__(self, message: str, sent: int = 0, uncertain: int = 0) -> None:
+        super().__init__(message)
+        self.sent = sent
+        self.uncertain = uncertain
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (str(self), self.sent, self.uncertain))

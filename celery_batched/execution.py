@@ -1,9 +1,10 @@
-"""Pool execution: one call of the batched function for a whole batch.
+"""Pool execution: decode a batch, make ONE call of the function, and sort out each item.
 
-Runs in the pool (a prefork child, a pool thread, or the consumer itself with ``solo``):
-binds each item's arguments, calls the function once with one list per parameter, and checks
-that the answer can be split into one outcome per item. ``results.finish_items`` then records
-each outcome. Nothing here touches the broker.
+Runs in the pool (a prefork child, a pool thread, or the consumer itself with ``solo``). The
+bodies arrive still encoded and are decoded here, off the consumer. Successes that the worker's
+main process can store come back as values (``STORE``), so this process is free for the next
+batch while they are written; everything Celery's tracer would do in the pool -- callbacks,
+chords, success hooks, failures, retries -- happens here (``item_results.py``).
 """
 
 from __future__ import annotations
@@ -12,86 +13,49 @@ import inspect
 import logging
 import os
 import threading
+import time
 from collections.abc import Sequence
-from time import monotonic
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from celery import signals, states
+from celery import signals
 
-from ._celery_internals import ignores_result, make_context, store_results
-from .errors import BatchResultError, BatchSetupError, ItemArgumentsError
+from ._types import BatchedTaskLike
+from ._wire import BatchReply, WireItem
+from .errors import BatchResultError, BatchSetupError
 from .event_loop import run_coroutine
-from .results import ItemReply, finish_items, record_failure
-
-if TYPE_CHECKING:
-    from celery.app.task import Context
-
-    from .task import BatchedTask
-
-#: One item as the consumer sends it to the pool: task id, request dict, args, kwargs, embed.
-BatchItem = tuple[str, dict[str, Any], Sequence[Any], dict[str, Any], "dict[str, Any] | None"]
+from .item_results import ItemOutcomes
 
 _setup_lock = threading.Lock()
 logger = logging.getLogger(__name__)
 
 
-def execute_batch(task: BatchedTask, items: Sequence[BatchItem], send_repr: bool = True,
-                  hostname: str | None = None) -> list[ItemReply]:
-    """Pool entry point: run one batch; return Celery's ``(failed, retval, runtime)`` per item.
+def execute_batch(task: BatchedTaskLike, items: Sequence[WireItem], want_repr: bool = False,
+                  hostname: str | None = None) -> BatchReply:
+    """Pool entry point: run one batch and answer with one code per item.
 
     Never raises for a batch's own trouble: the threads and solo pools would lose the job.
     """
+    started = time.monotonic()
+    outcomes = ItemOutcomes(task, items, hostname, want_repr)
     try:
-        return _execute(task, items, send_repr, hostname)
+        rows = outcomes.decode_and_bind()
+        if task.track_started or signals.task_prerun.receivers:
+            outcomes.announce_start()
+        call_started = time.monotonic()
+        if rows:
+            outcomes.set_returned(call_batch(task, [row for _, row in rows]), [i for i, _ in rows])
+        call_s = time.monotonic() - call_started
+        return outcomes.finish(time.monotonic() - started, call_s)
     except Exception as exc:
         logger.exception("celery_batched: %s: batch of %d failed outside the function",
                          task.name, len(items))
-        return [record_failure(task, make_context(rd, args, kwargs, embed, hostname), exc, 0.0)
-                for _, rd, args, kwargs, embed in items]
-
-
-def _execute(task: BatchedTask, items: Sequence[BatchItem], send_repr: bool,
-             hostname: str | None) -> list[ItemReply]:
-    started = monotonic()
-    spec = task._batch_spec
-    contexts = [make_context(rd, args, kwargs, embed, hostname) for _, rd, args, kwargs, embed in items]
-    outcomes: list[Any] = [None] * len(items)
-    rows: list[tuple[Any, ...]] = []
-    positions: list[int] = []
-    for i, (_, _, args, kwargs, _) in enumerate(items):
-        try:
-            rows.append(spec.bind_item(args, kwargs))
-            positions.append(i)
-        except ItemArgumentsError as exc:
-            outcomes[i] = exc
-    announce_start(task, contexts)
-    if rows:
-        for pos, outcome in zip(positions, call_batch(task, rows)):
-            outcomes[pos] = outcome
-    try:
-        return finish_items(task, contexts, outcomes, monotonic() - started, send_repr)
+        return outcomes.fail_all(exc, time.monotonic() - started)
     finally:
         task.backend.process_cleanup()
 
 
-def announce_start(task: BatchedTask, contexts: Sequence[Context]) -> None:
-    """STARTED states (``track_started``) and ``task_prerun``, as Celery's tracer does per task."""
-    if task.track_started:
-        started = {"pid": os.getpid(), "hostname": contexts[0].hostname if contexts else None}
-        store_results(task, [(c.id, started, c) for c in contexts if not ignores_result(task, c)],
-                      states.STARTED, on_error=lambda i, exc: None)
-    if signals.task_prerun.receivers:
-        for ctx in contexts:
-            task.request_stack.push(ctx)
-            try:
-                signals.task_prerun.send(sender=task, task_id=ctx.id, task=task, args=ctx.args,
-                                         kwargs=ctx.kwargs)
-            finally:
-                task.request_stack.pop()
-
-
-def call_batch(task: BatchedTask, rows: Sequence[tuple[Any, ...]]) -> list[Any]:
-    """Call the function once for ``rows``; one outcome (value or exception) per row.
+def call_batch(task: BatchedTaskLike, rows: Sequence[tuple[Any, ...]]) -> Any:
+    """Call the function once for ``rows``: a list (or array) of one outcome per row.
 
     If the call raises, every row gets that exception -- or, with ``isolate_failures``, the rows
     are split in halves and re-run until the failing rows are alone.
@@ -103,14 +67,15 @@ def call_batch(task: BatchedTask, rows: Sequence[tuple[Any, ...]]) -> list[Any]:
     except Exception as exc:
         if task.isolate_failures and len(rows) > 1:
             mid = len(rows) // 2
-            return call_batch(task, rows[:mid]) + call_batch(task, rows[mid:])
+            return (list(call_batch(task, rows[:mid]))
+                    + list(call_batch(task, rows[mid:])))
         return [exc] * len(rows)
 
 
-def _call_once(task: BatchedTask, rows: Sequence[tuple[Any, ...]]) -> list[Any]:
+def _call_once(task: BatchedTaskLike, rows: Sequence[tuple[Any, ...]]) -> Any:
     ensure_setup(task)
     columns = [list(col) for col in zip(*rows)]
-    # Celery's autoretry wraps ``run`` as a whole; retries are per item here (results.py).
+    # Celery's autoretry wraps ``run`` as a whole; retries are per item here (outcomes.py).
     fun = task.__dict__.get("_orig_run") or task.run
     spec = task._batch_spec
     n_pos = spec.n_positional
@@ -124,31 +89,47 @@ async def _await(awaitable: Any) -> Any:
     return await awaitable
 
 
-def check_returned(task: BatchedTask, returned: Any, n: int) -> list[Any]:
-    """The function's return value as a list of ``n`` outcomes, or :class:`BatchResultError`."""
+def check_returned(task: BatchedTaskLike, returned: Any, n: int) -> Any:
+    """The function's return value as ``n`` outcomes (a list, or a NumPy array with ``n`` rows),
+    or :class:`BatchResultError`. A torch tensor becomes a NumPy array on the CPU."""
+    kind = type(returned).__name__
     if isinstance(returned, list):
         values = returned
     elif isinstance(returned, tuple):
         values = list(returned)
+    elif kind == "Tensor" and type(returned).__module__.startswith("torch"):
+        values = _tensor_to_numpy(returned)
+    elif kind == "ndarray" and getattr(returned, "ndim", 0) >= 1:
+        values = returned
     else:
         hint = {
             "NoneType": "did it forget to `return` the list?",
             "generator": "return a list, e.g. `return list(...)`, not a generator",
             "dict": "return a list in the order of the inputs, e.g. `[d[k] for k in keys]`",
-            "ndarray": "convert it with `.tolist()`",
-            "Tensor": "convert it with `.tolist()`",
-        }.get(type(returned).__name__, "return a list with one result per item")
+            "ndarray": "a 0-d array has no row per item; return one row per item",
+        }.get(kind, "return a list with one result per item (or an array with one row per item)")
         raise BatchResultError(
             f"{task.name} must return a list of {n} results (one per item), "
-            f"but returned {type(returned).__name__}: {hint}")
+            f"but returned {kind}: {hint}")
     if len(values) != n:
+        what = (f"an array with {len(values)} rows" if kind in ("ndarray", "Tensor")
+                else f"a list of {len(values)}")
         raise BatchResultError(
             f"{task.name} must return one result per item: it received {n} items "
-            f"but returned a list of {len(values)}")
+            f"but returned {what}")
     return values
 
 
-def ensure_setup(task: BatchedTask) -> None:
+def _tensor_to_numpy(tensor: Any) -> Any:
+    if getattr(tensor, "ndim", 0) < 1:
+        raise BatchResultError("a 0-d tensor has no row per item; return one row per item")
+    tensor = tensor.detach()
+    if str(tensor.dtype) == "torch.bfloat16":  # NumPy has no bfloat16
+        tensor = tensor.float()
+    return tensor.cpu().numpy()
+
+
+def ensure_setup(task: BatchedTaskLike) -> None:
     """Run ``task.setup()`` once in this process, before its first batch."""
     pid = os.getpid()
     if task.__dict__.get("_celery_batched_setup_pid") == pid:
@@ -163,3 +144,4 @@ def ensure_setup(task: BatchedTask) -> None:
                 f"{task.name}.setup() raised {type(exc).__name__}: {exc}; "
                 f"the batch failed and setup() runs again before the next batch") from exc
         task.__dict__["_celery_batched_setup_pid"] = pid
+

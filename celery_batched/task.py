@@ -10,6 +10,7 @@ from celery import Celery, Task
 
 from ._celery_internals import autoretry
 from .bootstep import BatchingStep
+from .encoding import plain
 from .execution import call_batch
 from .outcomes import RetryItem
 from .spec import DEFAULT_MAX_BATCH_SIZE, DEFAULT_WAIT_MS, BatchSpec
@@ -87,7 +88,8 @@ class BatchedTask(Task):
         if pushed:
             self.push_request(args=args, kwargs=kwargs)
         try:
-            (outcome,) = call_batch(self, [row])
+            (outcome,) = list(call_batch(self, [row]))
+            outcome = plain(outcome)
             if isinstance(outcome, Exception):
                 raise autoretry(self, outcome)
             if isinstance(outcome, RetryItem):

@@ -1,0 +1,122 @@
+"""Per-item acks, events and worker state, on the consumer's thread, once outcomes are recorded.
+
+Successes are acknowledged together (one round trip on Redis) and get a ``task-succeeded``
+event when task events are on. Every other outcome goes through the item's own Celery
+``Request`` handlers, built for the occasion, so failures, retries, time limits and lost workers
+are acknowledged, rejected or requeued exactly as Celery does it for ordinary tasks (and as the
+installed Celery release does it). Items whose outcome could not be stored go back to the broker.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from celery.utils.log import get_logger
+
+from . import _celery_internals as celery_internals
+from ._kombu_redis import ack_many
+from ._wire import DONE, FAILED, RETRIED, STORE, UNSTORED, BatchReply
+from .writer import Written
+
+logger = get_logger("celery_batched.batches")
+
+
+class Completion:
+    """What the consumer does when a batch starts, finishes, fails or times out."""
+
+    def __init__(self, consumer: Any, ack: Callable[..., None]) -> None:
+        self.consumer = consumer
+        self._ack = ack  # ConsumerThread.call_ack
+
+    def _events_on(self, task: Any) -> bool:
+        return celery_internals.task_events_on(self.consumer.event_dispatcher, task)
+
+    def accepted(self, batch: Any, pid: int, time_accepted: float) -> None:
+        """The pool started the batch: ``task-started`` per item, early acks."""
+        items = batch.items
+        for item in items:
+            item.on_accepted(pid, time_accepted)
+        celery_internals.task_accepted_many(items, batch.task.name)
+        if not batch.task.acks_late:
+            self._ack(ack_many, [it.message for it in items], items[0].source.connection_errors)
+        if self._events_on(batch.task):
+            send = self.consumer.event_dispatcher.send
+            for item in items:
+                send("task-started", uuid=item.id)
+
+    def finished(self, batch: Any, reply: BatchReply, written: Written | None) -> None:
+        """Every item's outcome is recorded (or could not be): acknowledge, report, release."""
+        task, items = batch.task, batch.items
+        acks_late = task.acks_late
+        send = self.consumer.event_dispatcher.send if self._events_on(task) else None
+        done: list[Any] = []
+        handed_back = 0
+        written_iter = iter(written or ())
+        for i, code in enumerate(reply.codes):
+            item = items[i]
+            extra = reply.extras.get(i)
+            if code == STORE:
+                status, extra = next(written_iter)
+                code = {"stored": DONE, "failed": FAILED, "unstored": UNSTORED}[status]
+            if code == DONE:
+                done.append(item)
+                if send is not None:
+                    send("task-succeeded", uuid=item.id, result=extra, runtime=reply.runtime)
+            elif code in (FAILED, RETRIED):
+                _guard(item.request().on_success, (1, extra, reply.runtime))
+                celery_internals.task_ready(item)
+            elif code == UNSTORED:
+                handed_back += 1
+                self._ack(_guard, item.reject, True)
+                celery_internals.task_ready(item)
+        if done:
+            if acks_late:
+                self._ack(ack_many, [it.message for it in done], done[0].source.connection_errors)
+            for item in done:
+                celery_internals.task_ready(item, successful=True)
+        if handed_back:
+            logger.warning("celery_batched: batch %s of %s: %d item(s) handed back to the broker: "
+                           "their outcome could not be stored", batch.id, task.name, handed_back)
+        self._log(batch, reply, len(done))
+        batch.credit.release(len(items))
+
+    def failed(self, batch: Any, exc_info: Any) -> None:
+        """The pool lost the job (worker lost, terminated, hard time limit): Celery's handling."""
+        for item in batch.items:
+            _guard(item.request().on_failure, exc_info)
+            celery_internals.task_ready(item)
+        logger.error("celery_batched: batch %s of %d %s failed in the pool: %r", batch.id,
+                     len(batch.items), batch.task.name, getattr(exc_info, "exception", exc_info))
+        batch.credit.release(len(batch.items))
+
+    def timed_out(self, batch: Any, soft: bool, timeout: float) -> None:
+        if soft:
+            logger.warning("celery_batched: batch %s of %d %s: soft time limit (%ss) exceeded",
+                           batch.id, len(batch.items), batch.task.name, timeout)
+            return
+        for item in batch.items:
+            _guard(item.request().on_timeout, soft, timeout)
+            celery_internals.task_ready(item)
+
+    def _log(self, batch: Any, reply: BatchReply, succeeded: int) -> None:
+        if logger.isEnabledFor(logging.INFO):
+            # One line per batch, never payloads (Celery's per-task success line logs the result).
+            n = len(batch.items)
+            waited = (batch.flushed_at - batch.first_buffered_at) * 1000
+            logger.info("Batch %s of %d %s (%s) done in %.3fs (function %.3fs, longest wait "
+                        "%.0f ms): %d succeeded, %d failed, retried or handed back",
+                        batch.id, n, batch.task.name, batch.reason, reply.runtime, reply.call_s,
+                        waited, succeeded, n - succeeded)
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("Batch %s items: %s", batch.id, " ".join(it.id for it in batch.items))
+
+
+def _guard(handler: Callable[..., Any], *args: Any) -> None:
+    # One item's handler failing (a backend hiccup while marking it) must not strand the others.
+    try:
+        handler(*args)
+    except Exception:
+        logger.exception("celery_batched: %s raised", getattr(handler, "__qualname__", handler))
+

@@ -1,0 +1,147 @@
+"""Run callbacks on the consumer's thread: acks, events and buffer state stay single-threaded.
+
+A batch finishes on another thread (a pool thread with ``-P threads``, the result writer), but
+acknowledgements must go through the consumer's channel on the consumer's thread. With an event
+loop, callbacks are queued and the loop is woken through a pipe it watches (kombu's own
+``Hub.call_soon`` only wakes the loop from kombu 5.7 on). At shutdown the loop stops polling
+before the last acks: what is queued runs from ``Hub.close`` (``hub.on_close``), after the
+result writer has finished. A reconnect resets the loop (``Hub.reset`` also calls ``on_close``):
+queued callbacks run then, and ``arm`` registers the pipe again when the consumer restarts.
+
+Transports without an event loop (Celery's ``synloop``: the filesystem transport, SQS) take
+callbacks on the calling thread under one lock shared with the consumer's message handler; only
+the acks are deferred to the consumer's thread there, with Celery's own ``Consumer.call_soon``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+class ConsumerThread:
+    """Schedules callbacks onto the consumer's thread (created on that thread)."""
+
+    def __init__(self, consumer: Any) -> None:
+        self.consumer = consumer
+        self.hub = consumer.hub
+        self.ident = threading.get_ident()
+        #: Held while the consumer handles a message and while a callback runs (no event loop).
+        self.lock = threading.RLock()
+        self._pending: deque[tuple[Callable[..., Any], tuple[Any, ...]]] = deque()
+        self._pending_lock = threading.Lock()
+        self._signalled = False
+        self._before_close: list[Callable[[], None]] = []
+        self._rfd = self._wfd = -1
+        if self.hub is not None:
+            self._rfd, self._wfd = os.pipe()
+            os.set_blocking(self._rfd, False)
+            os.set_blocking(self._wfd, False)
+            self.hub.on_close.add(self._on_hub_close)
+            self.arm()
+
+    def arm(self) -> None:
+        """Watch the wake-up pipe (again, after a reconnect reset the event loop)."""
+        if self.hub is not None and self._rfd >= 0:
+            self.hub.add_reader(self._rfd, self._on_readable)
+
+    @property
+    def has_loop(self) -> bool:
+        return self.hub is not None
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run ``fn(*args)`` on the consumer's thread: now if this is it, else soon."""
+        if self.hub is None:
+            with self.lock:
+                _run(fn, args)
+            return
+        if threading.get_ident() == self.ident:
+            _run(fn, args)
+            return
+        with self._pending_lock:
+            self._pending.append((fn, args))
+            wake, self._signalled = not self._signalled, True
+        if wake:
+            try:
+                os.write(self._wfd, b"\0")
+            except (BlockingIOError, OSError):  # full (it's already readable) or closed
+                pass
+
+    def call_ack(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run an ack or reject on the consumer's thread, also without an event loop."""
+        if self.hub is None and threading.get_ident() != self.ident:
+            self.consumer.call_soon(fn, *args)
+        else:
+            fn(*args)
+
+    def before_close(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` when the event loop closes, before the callbacks still queued."""
+        self._before_close.append(fn)
+
+    def run_pending(self) -> None:
+        with self._pending_lock:
+            todo, self._pending = self._pending, deque()
+            self._signalled = False
+        for fn, args in todo:
+            _run(fn, args)
+
+    def _on_readable(self) -> None:
+        try:
+            while os.read(self._rfd, 4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+        self.run_pending()
+
+    def _on_hub_close(self, hub: Any) -> None:
+        final = _worker_stopping(self.consumer)
+        if final:
+            for fn in self._before_close:
+                try:
+                    fn()
+                except Exception:
+                    logger.exception("celery_batched: %r raised while the worker stopped", fn)
+        self.run_pending()
+        if final:
+            self.close()
+
+    def close(self) -> None:
+        if self._rfd >= 0:
+            if self.hub is not None:
+                try:
+                    self.hub.remove_reader(self._rfd)
+                except Exception:
+                    pass
+                self.hub.on_close.discard(self._on_hub_close)
+            for fd in (self._rfd, self._wfd):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            self._rfd = self._wfd = -1
+
+
+def _run(fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+    # Pool callbacks' errors are swallowed by billiard: log them here.
+    try:
+        fn(*args)
+    except Exception:
+        logger.exception("celery_batched: %s raised on the consumer thread",
+                         getattr(fn, "__qualname__", fn))
+
+
+def _worker_stopping(consumer: Any) -> bool:
+    """The worker is shutting down (not a reconnect resetting the event loop)."""
+    from celery import bootsteps
+    from celery.worker import state
+
+    blueprint = getattr(getattr(consumer, "controller", None), "blueprint", None)
+    return bool(state.should_stop is not None and state.should_stop is not False
+                or state.should_terminate is not None and state.should_terminate is not False
+                or (blueprint is not None and blueprint.state in (bootsteps.CLOSE, bootsteps.TERMINATE)))

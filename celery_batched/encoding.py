@@ -1,0 +1,132 @@
+"""Encoding a batch's results for the result backend, and bounded reprs for task events.
+
+Celery encodes one meta dict per task. For a batch, every meta shares all but its result and ids,
+so for the ``json`` and ``msgpack`` result serializers the shared parts are encoded once per
+batch and each item's encoded result and ids are spliced in; the bytes decode to the very dict
+``Backend._get_result_meta`` builds (``status``, ``result``, ``traceback``, ``children``,
+``date_done``, ``task_id``, ``group_id``, ``parent_id``). Other serializers encode a dict per item.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from celery.result import ResultBase
+from kombu.utils.json import JSONEncoder
+
+_json = JSONEncoder()  # kombu.utils.json.dumps builds this same encoder on every call
+_json_str = json.encoder.encode_basestring_ascii
+
+
+def plain(value: Any) -> Any:
+    """A NumPy scalar or array as the Python value it stands for (``.tolist()``); else as is.
+
+    Lets a function return ``list(model.encode(texts))`` (a list of arrays) under JSON.
+    """
+    if type(value).__module__ == "numpy" and hasattr(value, "tolist"):
+        return value.tolist()
+    return value
+
+
+def as_python_rows(values: Any) -> list[Any]:
+    """A batch's values as a list of plain Python values (one ``.tolist()`` for an array)."""
+    if isinstance(values, list):
+        return [plain(v) for v in values]
+    return values.tolist()
+
+
+class MetaEncoder:
+    """Encodes SUCCESS metas for one result backend, a batch at a time."""
+
+    def __init__(self, backend: Any) -> None:
+        self.backend = backend
+        self.serializer = backend.serializer
+        if self.serializer == "msgpack":
+            import msgpack  # present: the backend itself needs it to encode
+
+            self._packb: Callable[[Any], bytes] = lambda v: msgpack.packb(v, use_bin_type=True)
+
+    def encode(self, task_ids: Sequence[str], headers: Sequence[dict[str, Any]],
+               values: Sequence[Any], date_done: str,
+               on_error: Callable[[int, BaseException], None]) -> list[Any]:
+        """One encoded meta per item (``None`` where ``on_error(index, exc)`` was called)."""
+        encode_one = {"json": self._json_meta, "msgpack": self._msgpack_meta}.get(
+            self.serializer, self._dict_meta)
+        out: list[Any] = []
+        for i, (task_id, h, value) in enumerate(zip(task_ids, headers, values)):
+            try:
+                if isinstance(value, ResultBase):  # Backend.prepare_value turns these into tuples
+                    out.append(self._dict_meta(task_id, h, value, date_done))
+                else:
+                    out.append(encode_one(task_id, h, value, date_done))
+            except Exception as exc:
+                on_error(i, exc)
+                out.append(None)
+        return out
+
+    def _json_meta(self, task_id: str, headers: dict[str, Any], value: Any, date_done: str) -> str:
+        parts = ['{"status": "SUCCESS", "result": ', _json.encode(value),
+                 ', "traceback": null, "children": [], "date_done": ', _json_str(date_done),
+                 ', "task_id": ', _json_str(task_id)]
+        group, parent = headers.get("group"), headers.get("parent_id")
+        if group:
+            parts += (', "group_id": ', _json.encode(group))
+        if parent:
+            parts += (', "parent_id": ', _json.encode(parent))
+        parts.append("}")
+        return "".join(parts)
+
+    def _msgpack_meta(self, task_id: str, headers: dict[str, Any], value: Any,
+                      date_done: str) -> bytes:
+        pack = self._packb
+        group, parent = headers.get("group"), headers.get("parent_id")
+        n = 6 + bool(group) + bool(parent)
+        parts = [bytes((0x80 | n,)), pack("status"), pack("SUCCESS"), pack("result"), pack(value),
+                 pack("traceback"), pack(None), pack("children"), pack([]),
+                 pack("date_done"), pack(date_done), pack("task_id"), pack(task_id)]
+        if group:
+            parts += (pack("group_id"), pack(group))
+        if parent:
+            parts += (pack("parent_id"), pack(parent))
+        return b"".join(parts)
+
+    def _dict_meta(self, task_id: str, headers: dict[str, Any], value: Any, date_done: str) -> Any:
+        backend = self.backend
+        meta = {"status": "SUCCESS", "result": backend.encode_result(value, "SUCCESS"),
+                "traceback": None, "children": [], "date_done": date_done, "task_id": task_id}
+        if headers.get("group"):
+            meta["group_id"] = headers["group"]
+        if headers.get("parent_id"):
+            meta["parent_id"] = headers["parent_id"]
+        return backend.encode(meta)
+
+
+_SCALARS = (int, float, bool, type(None))
+
+
+def bounded_repr(value: Any, maxsize: int) -> str:
+    """``repr`` cut at about ``maxsize`` characters, at the cost of what it shows.
+
+    Celery's ``saferepr`` walks the whole value; for a 384-float vector that was most of a
+    batch's time in the pool. A flat list or tuple of scalars (the common result) is rendered
+    element by element and stops once ``maxsize`` is reached.
+    """
+    if isinstance(value, (list, tuple)) and len(value) > 8:
+        open_, close = ("[", "]") if isinstance(value, list) else ("(", ")")
+        out: list[str] = []
+        size = 1
+        for v in value:
+            if type(v) not in _SCALARS and not (type(v) is str and len(v) < 64):
+                break
+            text = repr(v)
+            size += len(text) + 2
+            if size > maxsize:
+                return open_ + ", ".join(out) + ", ..." + close
+            out.append(text)
+        else:
+            return open_ + ", ".join(out) + close
+    from celery.utils.saferepr import saferepr
+
+    return saferepr(value, maxsize)

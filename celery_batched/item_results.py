@@ -1,0 +1,278 @@
+"""Per-item outcomes in the pool: decode and bind each item, then sort what the call returned.
+
+For every item this decides who records its outcome:
+
+* ``STORE`` -- a plain success the worker's main process stores (``writer.py``), in bulk and
+  while this process runs the next batch: Redis result backends, no ``result_extended``, no
+  chord, no success hook or signal receiver. Its ``link``/chain callbacks are sent from here
+  first, as Celery's tracer sends them before storing.
+* ``DONE`` -- any other success: stored here (bulk where the backend allows), then the success
+  hooks run, as Celery's tracer does; or nothing to store (``ignore_result``).
+* ``FAILED`` / ``RETRIED`` -- Celery's own failure and retry handling, per item, logged once
+  per batch (one traceback for a call that raised, not one per item).
+* ``UNSTORED`` -- the backend could not take its outcome: the consumer hands it back to the
+  broker instead of acknowledging it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+from celery import signals, states
+from celery.exceptions import Retry
+
+from . import _celery_internals as celery_internals
+from ._types import BatchedTaskLike
+from ._wire import DONE, FAILED, RETRIED, STORE, UNSTORED, BatchReply, WireItem
+from .encoding import bounded_repr
+from .errors import ItemArgumentsError, ItemDecodeError, ItemResultEncodeError
+from .outcomes import RetryItem
+
+logger = logging.getLogger("celery_batched.execution")
+
+_accept_cache: dict[int, frozenset[str]] = {}
+
+
+class ItemOutcomes:
+    """One batch's items in the pool, from wire format to ``BatchReply``."""
+
+    def __init__(self, task: BatchedTaskLike, items: Sequence[WireItem], hostname: str | None,
+                 want_repr: bool) -> None:
+        self.task = task
+        self.items = items
+        self.hostname = hostname
+        self.want_repr = want_repr
+        n = len(items)
+        self.decoded: list[tuple[Sequence[Any], dict[str, Any], Any] | None] = [None] * n
+        self.errors: dict[int, BaseException] = {}
+        self.returned: Any = None
+        self.positions: list[int] = []
+        self._contexts: dict[int, Any] = {}
+
+    def decode_and_bind(self) -> list[tuple[int, tuple[Any, ...]]]:
+        """Decode every body and bind it to the function's parameters; bad items fail alone."""
+        task = self.task
+        accept = _accept_cache.get(id(task.app))
+        if accept is None:
+            accept = _accept_cache[id(task.app)] = celery_internals.accepted_content_types(task.app)
+        bind = task._batch_spec.bind_item
+        rows = []
+        for i, (headers, body, content_type, content_encoding, _) in enumerate(self.items):
+            try:
+                args, kwargs, embed = self.decoded[i] = celery_internals.decode_body(
+                    body, content_type, content_encoding, accept)
+            except Exception as exc:
+                self.errors[i] = ItemDecodeError(
+                    f"{task.name}[{headers.get('id')}]: this item's message body could not be "
+                    f"decoded as {content_type}: {type(exc).__name__}: {exc}. Send it with the "
+                    f"task's serializer (accept_content={sorted(accept)}).")
+                continue
+            try:
+                rows.append((i, bind(args, kwargs)))
+            except ItemArgumentsError as exc:
+                self.errors[i] = exc
+        return rows
+
+    def _embed(self, i: int) -> dict[str, Any]:
+        decoded = self.decoded[i]
+        return (decoded[2] if decoded is not None else None) or {}
+
+    def context(self, i: int) -> Any:
+        ctx = self._contexts.get(i)
+        if ctx is None:
+            headers, _, _, _, delivery = self.items[i]
+            args, kwargs, embed = self.decoded[i] or ((), {}, None)
+            ctx = self._contexts[i] = celery_internals.make_context(
+                headers, args, kwargs, embed, delivery, self.hostname)
+        return ctx
+
+    def announce_start(self) -> None:
+        """STARTED (``track_started``) and ``task_prerun`` per item, as Celery's tracer does."""
+        task = self.task
+        live = [i for i in range(len(self.items)) if self.decoded[i] is not None]
+        if task.track_started:
+            import os
+            started = {"pid": os.getpid(), "hostname": self.hostname}
+            celery_internals.store_results(
+                task, [(self.items[i][0]["id"], started, self.context(i)) for i in live
+                       if not celery_internals.ignores_result(task, self.items[i][0])],
+                states.STARTED, on_error=lambda k, exc: None)
+        if signals.task_prerun.receivers:
+            celery_internals.announce_prerun(task, [self.context(i) for i in live])
+
+    def set_returned(self, values: Any, positions: list[int]) -> None:
+        self.returned, self.positions = values, positions
+
+    def finish(self, runtime: float, call_s: float) -> BatchReply:
+        """Record what the pool records; answer with one code per item."""
+        task = self.task
+        n = len(self.items)
+        codes = bytearray(n)
+        extras: dict[int, Any] = {}
+        store_rows: list[int] = []   # positions in self.returned of STORE items
+        done_here: list[tuple[int, Any]] = []
+        failures: list[tuple[int, Any]] = []
+        parent_stores = _parent_can_store(task)
+        returned = self.returned
+        is_array = returned is not None and not isinstance(returned, list)
+        if is_array and not parent_stores:
+            returned, is_array = returned.tolist(), False
+        for k, i in enumerate(self.positions):
+            value = returned[k]
+            if not is_array and isinstance(value, (BaseException, RetryItem)):
+                failures.append((i, value))
+                continue
+            headers = self.items[i][0]
+            embed = self._embed(i)
+            stores = (parent_stores and not embed.get("chord")
+                      and not celery_internals.ignores_result(task, headers))
+            if is_array and (not stores or embed.get("callbacks") or embed.get("chain")):
+                value = value.tolist()
+            if embed.get("callbacks") or embed.get("chain"):
+                try:
+                    celery_internals.dispatch_callbacks_and_chain(task, value, self.context(i))
+                except Exception as exc:
+                    failures.append((i, exc))
+                    continue
+            if stores:
+                codes[i] = STORE
+                store_rows.append(k)
+                if embed.get("errbacks"):
+                    extras[i] = embed
+            else:
+                done_here.append((i, value))
+        failures.extend(sorted(self.errors.items()))
+        self._store_here(done_here, codes, extras, failures, runtime)
+        self._record_failures(failures, codes, extras)
+        if is_array:
+            values = returned if len(store_rows) == len(returned) else returned[store_rows]
+        else:
+            values = [returned[k] for k in store_rows]
+        return BatchReply(bytes(codes), values, extras, runtime, call_s)
+
+    def _store_here(self, done: list[tuple[int, Any]], codes: bytearray, extras: dict[int, Any],
+                    failures: list[tuple[int, Any]], runtime: float) -> None:
+        """Successes the pool records itself: store (bulk), then the success hooks."""
+        task = self.task
+        to_store = [(i, v) for i, v in done
+                    if not celery_internals.ignores_result(task, self.items[i][0])]
+        unencodable: dict[int, BaseException] = {}
+        try:
+            for i, v in to_store:
+                if self._embed(i).get("chord"):  # mark_as_done runs the chord's part-return logic
+                    task.backend.mark_as_done(self.items[i][0]["id"], v, request=self.context(i))
+            plain = [(i, v) for i, v in to_store if not self._embed(i).get("chord")]
+            celery_internals.store_results(
+                task, [(self.items[i][0]["id"], v, self.context(i)) for i, v in plain],
+                states.SUCCESS, lambda k, exc: unencodable.__setitem__(plain[k][0], exc))
+        except Exception as exc:
+            if not celery_internals.is_outage(exc, task.backend):
+                raise
+            logger.error("celery_batched: %s: results of %d item(s) could not be stored (%s: %s);"
+                         " they go back to the broker", task.name, len(to_store),
+                         type(exc).__name__, exc)
+            for i, _ in to_store:
+                codes[i], extras[i] = UNSTORED, f"{type(exc).__name__}: {exc}"
+            done = [(i, v) for i, v in done if codes[i] != UNSTORED]
+        hooks = celery_internals.has_success_hooks(task)
+        for i, value in done:
+            if i in unencodable:
+                cause = unencodable[i]
+                failures.append((i, ItemResultEncodeError(
+                    f"{task.name}: the result for this item could not be stored: "
+                    f"{type(cause).__name__}: {cause}. Return a value the result serializer "
+                    f"({task.backend.serializer}) can encode.")))
+                continue
+            codes[i] = DONE
+            if self.want_repr:
+                extras[i] = bounded_repr(value, task.resultrepr_maxsize)
+            if hooks:
+                try:
+                    celery_internals.run_success_hooks(task, self.context(i), value, runtime)
+                except Exception:
+                    logger.exception("%s[%s]: a success hook raised", task.name, self.items[i][0]["id"])
+
+    def _record_failures(self, failures: list[tuple[int, Any]], codes: bytearray,
+                         extras: dict[int, Any]) -> None:
+        """Fail or retry items as Celery's tracer does; log once for the batch."""
+        if not failures:
+            return
+        task = self.task
+        infos: dict[int, Any] = {}  # one ExceptionInfo per distinct exception object
+        failed: Counter[str] = Counter()
+        retried = 0
+        raised: BaseException | None = None
+        for i, outcome in failures:
+            ctx = self.context(i)
+            task.request_stack.push(ctx)
+            try:
+                if isinstance(outcome, RetryItem):
+                    exc = celery_internals.request_retry(task, outcome.exc, outcome.retry_kwargs())
+                elif isinstance(outcome, Retry):
+                    exc = outcome
+                else:
+                    exc = celery_internals.autoretry(task, outcome)
+                if isinstance(exc, Retry):
+                    extras[i] = celery_internals.record_retry(task, ctx, exc)
+                    codes[i] = RETRIED
+                    retried += 1
+                    continue
+                einfo = infos.get(id(exc))
+                if einfo is None:
+                    einfo = infos[id(exc)] = celery_internals.exception_info(exc)
+                try:
+                    task.backend.mark_as_failure(
+                        ctx.id, celery_internals.raw_exception(einfo), einfo.traceback, request=ctx,
+                        store_result=celery_internals.store_errors_for(task, ctx),
+                        call_errbacks=True)
+                except Exception as store_exc:
+                    if celery_internals.is_outage(store_exc, task.backend):
+                        codes[i], extras[i] = UNSTORED, f"{type(store_exc).__name__}: {store_exc}"
+                        continue
+                    logger.exception("celery_batched: %s[%s]: storing its failure raised",
+                                     task.name, ctx.id)
+                celery_internals.failure_hooks(task, ctx, einfo)
+                codes[i], extras[i] = FAILED, einfo
+                failed[f"{type(exc).__name__}: {exc}"] += 1
+                if exc.__traceback__ is not None:
+                    raised = exc
+            except Exception as exc:  # sending the retry or recording it failed
+                if celery_internals.is_outage(exc, task.backend):
+                    codes[i], extras[i] = UNSTORED, f"{type(exc).__name__}: {exc}"
+                else:  # a bug, not an outage: fail the item rather than requeue it forever
+                    logger.exception("celery_batched: %s[%s]: recording its outcome raised",
+                                     task.name, ctx.id)
+                    codes[i], extras[i] = FAILED, celery_internals.exception_info(exc)
+            finally:
+                task.request_stack.pop()
+        self._log(failed, retried, raised)
+
+    def _log(self, failed: Counter[str], retried: int, raised: BaseException | None) -> None:
+        name, n = self.task.name, len(self.items)
+        if failed:
+            summary = "; ".join(f"{count} x {what[:200]}" for what, count in failed.most_common(3))
+            more = f" (and {len(failed) - 3} other errors)" if len(failed) > 3 else ""
+            exc_info = (type(raised), raised, raised.__traceback__) if raised is not None else None
+            logger.error("celery_batched: batch of %d %s: %d item(s) failed: %s%s", n, name,
+                         sum(failed.values()), summary, more, exc_info=exc_info)
+        if retried:
+            logger.info("celery_batched: batch of %d %s: %d item(s) sent for retry", n, name, retried)
+
+    def fail_all(self, exc: BaseException, runtime: float) -> BatchReply:
+        """The batch broke outside the function: fail every item (or hand it back)."""
+        codes = bytearray([UNSTORED]) * len(self.items)
+        extras: dict[int, Any] = {i: f"{type(exc).__name__}: {exc}" for i in range(len(self.items))}
+        try:
+            self._record_failures([(i, exc) for i in range(len(self.items))], codes, extras)
+        except Exception:
+            logger.exception("celery_batched: %s: could not record the batch's failure", self.task.name)
+        return BatchReply(bytes(codes), [], extras, runtime, 0.0)
+
+
+def _parent_can_store(task: BatchedTaskLike) -> bool:
+    from . import _redis_results
+
+    return (_redis_results.can_store(task.backend) and not celery_internals.has_success_hooks(task))

@@ -1,0 +1,96 @@
+"""How many unacknowledged messages a batching worker holds: enough to fill batches, bounded.
+
+Celery sizes prefetch for one message per pool process (times ``worker_prefetch_multiplier``);
+a batch needs ``max_batch_size`` messages at once. Batching keeps its own count next to Celery's
+(``Prefetch.extra``) and adds it only where the prefetch count reaches the broker (the QoS
+callback), so Celery can raise, lower or overwrite its own value (ETA tasks, the reduction after
+a reconnect) without corrupting batching's. Per task, the credit is one per held message
+(buffered, running, or waiting for its result to be stored) plus one batch of headroom, capped
+at ``max_batch_size * (pool processes + 2)`` -- with the pool size read live, so ``--autoscale``
+moves the cap. Unacknowledged messages stay below Celery's own count plus the caps, under every
+setting:
+
+* ``worker_prefetch_multiplier=0`` (unlimited): the base becomes one message per process;
+* ``worker_disable_prefetch`` (Redis): batching fetches only while a pool process is free, and
+  its held messages don't count against Celery's one-per-free-process rule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+#: kombu's ceiling for a prefetch count (``kombu.common.PREFETCH_COUNT_MAX``).
+PREFETCH_COUNT_MAX = 0xFFFF
+
+
+class Prefetch:
+    """Batching's share of one consumer connection's prefetch count."""
+
+    def __init__(self, qos: Any, slots: Callable[[], int], disable_prefetch: bool = False) -> None:
+        self.qos = qos
+        self.slots = slots
+        self.disable_prefetch = disable_prefetch
+        self.extra = 0
+        self.credits: list[TaskCredit] = []
+        if qos is not None:
+            self._wrap(qos)
+
+    def _wrap(self, qos: Any) -> None:
+        send = qos.callback
+
+        def send_with_batching(prefetch_count: int) -> Any:
+            base = prefetch_count or max(1, self.slots())  # 0 is "unlimited": bound it
+            return send(prefetch_count=min(PREFETCH_COUNT_MAX, base + self.extra))
+
+        qos.callback = send_with_batching
+
+    def credit_for(self, max_batch_size: int) -> TaskCredit:
+        credit = TaskCredit(self, max_batch_size)
+        self.credits.append(credit)
+        return credit
+
+    def apply(self) -> None:
+        """Send the prefetch count now (consumer thread)."""
+        if self.qos is not None:
+            self.qos.prev = None
+            self.qos.update()
+
+    def held(self) -> int:
+        return sum(c.held for c in self.credits)
+
+    def _settle(self) -> None:
+        extra = sum(c.wanted() for c in self.credits)
+        if extra != self.extra and self.qos is not None:
+            self.extra = extra
+            self.qos.prev = None  # the consumer loop re-sends the count (QoS.update) next turn
+
+
+class TaskCredit:
+    """The messages one batched task holds, and the prefetch they earn."""
+
+    def __init__(self, prefetch: Prefetch, max_batch_size: int) -> None:
+        self.prefetch = prefetch
+        self.max_batch_size = max_batch_size
+        self.held = 0
+        self._used = False
+
+    @property
+    def cap(self) -> int:
+        slots = self.prefetch.slots()
+        if self.prefetch.disable_prefetch:
+            return self.max_batch_size * max(1, slots)
+        return self.max_batch_size * (max(1, slots) + 2)
+
+    def wanted(self) -> int:
+        headroom = self.max_batch_size if self._used and not self.prefetch.disable_prefetch else 0
+        return min(self.held + headroom, self.cap)
+
+    def hold(self, n: int = 1) -> None:
+        self.held += n
+        self._used = True
+        self.prefetch._settle()
+
+    def release(self, n: int) -> None:
+        self.held = max(0, self.held - n)
+        self.prefetch._settle()

@@ -1,0 +1,148 @@
+"""Results, stored while the next batch runs: a writer thread in the worker's main process.
+
+The pool returns a batch's successful values (``STORE`` items) as soon as the function returns,
+and is free for the next batch; this thread encodes the batch's metas at once (``encoding.py``)
+and stores them in one round trip (``_redis_results.py``), then hands the batch to the consumer's
+thread for the acknowledgements (``completion.py``). Acks only ever follow a stored result:
+an item whose result could not be stored -- the backend stayed unreachable past its retry
+policy -- is handed back to the broker (``UNSTORED``) and runs again later.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from . import _celery_internals as celery_internals
+from . import _redis_results
+from ._wire import STORE, BatchReply
+from .encoding import MetaEncoder, as_python_rows, bounded_repr
+from .errors import ItemResultEncodeError
+
+logger = logging.getLogger(__name__)
+
+#: Per STORE item: ("stored", repr or None) | ("failed", ExceptionInfo) | ("unstored", reason).
+Written = list[tuple[str, Any]]
+
+
+class ResultWriter:
+    """One thread that stores the batches' successes, in the order they finished."""
+
+    def __init__(self, on_written: Callable[[Any, BatchReply, Written], None]) -> None:
+        self._on_written = on_written
+        self._queue: queue.SimpleQueue[tuple[Any, BatchReply] | None] = queue.SimpleQueue()
+        self._pending = 0
+        self._idle = threading.Condition()
+        self._encoders: dict[int, MetaEncoder] = {}
+        self._thread = threading.Thread(target=self._run, name="celery-batched-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, batch: Any, reply: BatchReply) -> None:
+        with self._idle:
+            self._pending += 1
+        self._queue.put((batch, reply))
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    def drain(self, timeout: float) -> bool:
+        """Wait until every submitted batch is written (or ``timeout``); True if all were."""
+        deadline = time.monotonic() + timeout
+        with self._idle:
+            while self._pending:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._idle.wait(left)
+        return True
+
+    def stop(self) -> None:
+        self._queue.put(None)
+
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            batch, reply = job
+            try:
+                written = self.write(batch, reply)
+            except Exception as exc:  # never lose the batch: hand it back rather than ack it
+                logger.exception("celery_batched: writing batch %s failed", batch.id)
+                written = [("unstored", f"{type(exc).__name__}: {exc}")] * reply.codes.count(STORE)
+            try:
+                self._on_written(batch, reply, written)
+            finally:
+                with self._idle:
+                    self._pending -= 1
+                    self._idle.notify_all()
+
+    def write(self, batch: Any, reply: BatchReply) -> Written:
+        """Encode and store the batch's STORE items; what became of each."""
+        task = batch.task
+        backend = task.backend  # this thread's own backend instance (Celery's are thread-local)
+        index = [i for i, code in enumerate(reply.codes) if code == STORE]
+        items = [batch.items[i] for i in index]
+        values = as_python_rows(reply.values)
+        encoder = self._encoders.get(id(backend))
+        if encoder is None:
+            encoder = self._encoders[id(backend)] = MetaEncoder(backend)
+        bad: dict[int, BaseException] = {}
+        metas = encoder.encode([it.id for it in items], [it.headers for it in items], values,
+                               backend.app.now().isoformat(), bad.__setitem__)
+        keep = [k for k in range(len(items)) if k not in bad]
+        written: Written = [("stored", None)] * len(items)
+        try:
+            _redis_results.store(backend, [items[k].id for k in keep], [metas[k] for k in keep])
+        except Exception as exc:
+            if not celery_internals.is_outage(exc, backend):
+                # The script itself was refused (EVAL disabled, ...): Celery's own path, per item.
+                logger.warning("celery_batched: storing batch %s in one script call failed (%s: "
+                               "%s); storing its results one by one", batch.id,
+                               type(exc).__name__, exc)
+                for k in keep:
+                    written[k] = self._store_one(task, items[k], values[k], reply.extras.get(index[k]))
+                return written
+            logger.error("celery_batched: batch %s of %s: the results of %d item(s) could not be "
+                         "stored (%s: %s); they go back to the broker and run again",
+                         batch.id, task.name, len(keep), type(exc).__name__, exc)
+            written = [("unstored", f"{type(exc).__name__}: {exc}")] * len(items)
+            keep = []
+        if batch.want_repr:
+            maxsize = task.resultrepr_maxsize
+            for k in keep:
+                written[k] = ("stored", bounded_repr(values[k], maxsize))
+        for k, cause in bad.items():
+            written[k] = self._fail_unencodable(task, items[k], reply.extras.get(index[k]), cause)
+        return written
+
+    def _store_one(self, task: Any, item: Any, value: Any, embed: Any) -> tuple[str, Any]:
+        ctx = celery_internals.make_context(item.headers, (), {}, embed, (None,) * 6, None)
+        try:
+            task.backend.store_result(item.id, value, "SUCCESS", request=ctx)
+        except Exception as exc:
+            if celery_internals.is_outage(exc, task.backend):
+                return ("unstored", f"{type(exc).__name__}: {exc}")
+            return self._fail_unencodable(task, item, embed, exc)
+        return ("stored", None)
+
+    def _fail_unencodable(self, task: Any, item: Any, embed: Any, cause: BaseException) -> tuple[str, Any]:
+        """A result the serializer can't encode fails its item alone (errbacks included)."""
+        exc = ItemResultEncodeError(
+            f"{task.name}: the result for this item could not be stored: "
+            f"{type(cause).__name__}: {cause}. Return a value the result serializer "
+            f"({task.backend.serializer}) can encode.")
+        einfo = celery_internals.exception_info(exc)
+        ctx = celery_internals.make_context(item.headers, (), {}, embed, (None,) * 6, None)
+        try:
+            task.backend.mark_as_failure(item.id, exc, einfo.traceback, request=ctx,
+                                         call_errbacks=True)
+        except Exception as store_exc:
+            return ("unstored", f"{type(store_exc).__name__}: {store_exc}")
+        celery_internals.failure_hooks(task, ctx, einfo)
+        return ("failed", einfo)
