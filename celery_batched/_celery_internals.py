@@ -86,6 +86,24 @@ def revoked_stamps() -> dict[str, Any]:
     return getattr(worker_state, "revoked_stamps", None) or {}
 
 
+def task_ready_many(items: Sequence[Any]) -> None:
+    """``celery.worker.state.task_ready`` for items that succeeded and are acknowledged.
+
+    Skips ``successful_requests``: it only keeps ``cancel_active_requests`` from cancelling a
+    task that succeeded but isn't acknowledged yet, and these are acknowledged already.
+    """
+    pop = worker_state.requests.pop
+    sets = [worker_state.active_requests, worker_state.reserved_requests]
+    scheduled = getattr(worker_state, "scheduled_requests", None)
+    if scheduled is not None:
+        sets.append(scheduled)
+    for item in items:
+        pop(item.id, None)
+    for s in sets:
+        for item in items:
+            s.discard(item)
+
+
 def task_accepted_many(items: Sequence[Any], name: str) -> None:
     """``celery.worker.state.task_accepted`` for a whole batch, with one counter update."""
     add_request, add_active = worker_state.requests.__setitem__, worker_state.active_requests.add
@@ -94,6 +112,40 @@ def task_accepted_many(items: Sequence[Any], name: str) -> None:
         add_active(item)
     worker_state.total_count[name] += len(items)
     worker_state.all_total_count[0] += len(items)
+
+
+def ack_promises(consumer: Any, message: Any) -> tuple[Any, Any]:
+    """The ack and reject callbacks a ``Request`` is built with.
+
+    Mirrors ``celery.worker.consumer.Consumer.create_task_handler``'s ``on_task_received``
+    (Celery 5.5-5.7: ``call_soon_ack`` where it exists, and the prefetch restoration after a
+    reconnect), built only for the items that get a ``Request``.
+    """
+    from vine import promise
+
+    call_soon = getattr(consumer, "call_soon_ack", None) or consumer.call_soon
+    restore = getattr(consumer, "_restore_prefetch_count_after_connection_restart", None)
+    ack = promise(call_soon, (message.ack_log_error,), on_error=restore)
+    reject = promise(call_soon, (message.reject_log_error,), on_error=restore)
+    if restore is not None and _prefetch_reduced(consumer):
+        ack.then(restore, on_error=restore)
+        reject.then(restore, on_error=restore)
+    return ack, reject
+
+
+def _prefetch_reduced(consumer: Any) -> bool:
+    return bool(not getattr(consumer, "_maximum_prefetch_restored", True)
+                and consumer.restart_count > 0
+                and consumer._new_prefetch_count <= consumer.max_prefetch_count)
+
+
+def restore_prefetch_after_acks(consumer: Any, acked: int) -> None:
+    """Celery raises its prefetch count back after a reconnect one ack at a time (through the
+    ack promises); batched items acked in bulk do the same. Mirrors the ``then`` above."""
+    restore = getattr(consumer, "_restore_prefetch_count_after_connection_restart", None)
+    while acked > 0 and restore is not None and _prefetch_reduced(consumer):
+        restore(None)
+        acked -= 1
 
 
 def delivery_details(message: Any) -> tuple[Any, ...]:
@@ -108,7 +160,8 @@ def delivery_details(message: Any) -> tuple[Any, ...]:
 # Pool side
 # ----------------------------------------------------------------------------------------------
 
-_json_decoder = json.JSONDecoder(object_hook=object_hook)
+_plain_decode = json.JSONDecoder().decode
+_hooked_decode = json.JSONDecoder(object_hook=object_hook).decode
 
 
 def decode_body(body: Any, content_type: str | None, content_encoding: str | None,
@@ -122,7 +175,9 @@ def decode_body(body: Any, content_type: str | None, content_encoding: str | Non
     if isinstance(body, tuple):
         return body  # decoded in the consumer (ETA, legacy)
     if content_type == "application/json" and "application/json" in accept:
-        decoded = _json_decoder.decode(bytes_to_str(body))
+        text = bytes_to_str(body)
+        # kombu's hook only rewrites dicts marked "__type__" (see _kombu_redis._decode).
+        decoded = _hooked_decode(text) if '"__type__"' in text else _plain_decode(text)
     else:
         decoded = kombu_loads(body, content_type, content_encoding, accept=accept)
     if isinstance(decoded, dict):

@@ -11,6 +11,8 @@ results are stored -- at shutdown, before the event loop closes.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from collections import Counter
 from typing import Any
 
@@ -53,11 +55,14 @@ class BatchingStep(bootsteps.StartStopStep):
         self.writer: ResultWriter | None = None
         self.dispatcher: BatchDispatcher | None = None
         self.prefetch: Prefetch | None = None
+        #: Serializes message handling with batch callbacks where there is no event loop
+        #: (callbacks then come from the pool's result thread and the timer thread).
+        self.thread_lock: Any = contextlib.nullcontext() if c.hub else threading.RLock()
 
     def start(self, c: Any) -> None:
         if self.thread is None:  # first start: what lives as long as the worker
             check_worker(c.app, c.connection.transport.driver_type)
-            self.thread = ConsumerThread(c)
+            self.thread = ConsumerThread(c, self.thread_lock)
             self.writer = ResultWriter(on_written=self._written)
             self.thread.before_close(lambda: self._drain_writer())
             self.dispatcher = BatchDispatcher(
@@ -67,13 +72,21 @@ class BatchingStep(bootsteps.StartStopStep):
             self.thread.arm()
         self.buffers = {}
         if c.app.conf.get("batching_redis_bulk_fetch", True) and c.task_consumer is not None:
-            install_bulk_fetch(c.task_consumer.channel)
+            install_bulk_fetch(c.task_consumer.channel, self._direct_receiver)
         disable = bool(c.app.conf.get("worker_disable_prefetch")) and \
             c.connection.transport.driver_type == "redis"
         self.prefetch = Prefetch(c.qos, self.slots, disable_prefetch=disable)
         if disable and c.task_consumer is not None:
             self._disable_prefetch(c.task_consumer.channel.qos)
         self.prefetch.apply()
+
+    def _direct_receiver(self, payload: dict[str, Any]) -> Any:
+        """The batched task's own entry for a message the bulk fetch popped (or None)."""
+        headers = payload.get("headers")
+        if not headers:
+            return None
+        strategy = self.consumer.strategies.get(headers.get("task"))
+        return getattr(strategy, "receive_direct", None)
 
     def slots(self) -> int:
         """How many batches the pool runs at once, now (prefork processes with ``--autoscale``
@@ -107,8 +120,11 @@ class BatchingStep(bootsteps.StartStopStep):
         if buffer is None:
             assert self.prefetch is not None and self.dispatcher is not None
             spec = task._batch_spec
+            timer = self.consumer.timer
+            if self.consumer.hub is None:  # timer callbacks come from the timer's own thread
+                timer = _LockedTimer(timer, self.thread_lock)
             buffer = self.buffers[task.name] = BatchBuffer(
-                spec, self.consumer.timer, self.prefetch.credit_for(spec.max_batch_size),
+                spec, timer, self.prefetch.credit_for(spec.max_batch_size),
                 self.dispatcher, pool_busy=self.dispatcher.pool_busy)
         return buffer
 
@@ -170,6 +186,19 @@ class BatchingStep(bootsteps.StartStopStep):
                 "held": buffer.credit.held if buffer else 0,
             }
         return out
+
+
+class _LockedTimer:
+    """A timer whose callbacks take the consumer's lock (transports without an event loop)."""
+
+    def __init__(self, timer: Any, lock: Any) -> None:
+        self.timer, self.lock = timer, lock
+
+    def call_after(self, secs: float, fun: Any, args: tuple[Any, ...] = ()) -> Any:
+        def locked(*a: Any) -> None:
+            with self.lock:
+                fun(*a)
+        return self.timer.call_after(secs, locked, args)
 
 
 @inspect_command()

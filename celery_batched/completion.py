@@ -74,8 +74,8 @@ class Completion:
         if done:
             if acks_late:
                 self._ack(ack_many, [it.message for it in done], done[0].source.connection_errors)
-            for item in done:
-                celery_internals.task_ready(item, successful=True)
+                celery_internals.restore_prefetch_after_acks(self.consumer, len(done))
+            celery_internals.task_ready_many(done)
         if handed_back:
             logger.warning("celery_batched: batch %s of %s: %d item(s) handed back to the broker: "
                            "their outcome could not be stored", batch.id, task.name, handed_back)

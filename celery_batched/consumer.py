@@ -25,7 +25,7 @@ from celery.worker import state as worker_state
 from celery.worker.request import create_request_cls
 from celery.worker.strategy import hybrid_to_proto2, proto1_to_proto2
 from kombu.asynchronous.timer import to_timestamp
-from kombu.exceptions import ContentDisallowed
+from kombu.exceptions import ContentDisallowed, DecodeError
 
 from . import _celery_internals as celery_internals
 from .errors import BatchingNotInstalledError
@@ -35,7 +35,12 @@ logger = get_logger(__name__)
 
 
 def batching_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Any:
-    """Build the message handler for one batched task (called by ``Task.start_strategy``)."""
+    """Build the message handler for one batched task (called by ``Task.start_strategy``).
+
+    The handler takes Celery's arguments; its ``receive_direct`` attribute takes a bare kombu
+    message, for the Redis bulk fetch (``_kombu_redis``), and does what Celery's
+    ``Consumer.on_task_received`` does around a strategy.
+    """
     batching = getattr(consumer, "batching", None)
     if batching is None:
         raise BatchingNotInstalledError(
@@ -49,44 +54,46 @@ def batching_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Any:
                              consumer.event_dispatcher, app=app)
     revoked_tasks = worker_state.revoked
     accept = celery_internals.accepted_content_types(app)
+    kombu_accept = app.conf.accept_content and celery_internals.accepted_content_types(app)
     utc = app.uses_utc_timezone()
     task_scheduled = getattr(worker_state, "task_scheduled", None)  # Celery >= 5.6
+    buffer_for = batching.buffer_for
+    on_task_message = consumer.on_task_message
 
     def build_request(item: Item, body: Any = None, headers: Any = None, decoded: bool = False) -> Any:
-        req = Req(item.message, on_ack=item.on_ack, on_reject=item.on_reject, app=app,
-                  hostname=hostname, eventer=consumer.event_dispatcher, task=task,
-                  connection_errors=connection_errors, body=body or item.message.body,
-                  headers=headers or item.headers, decoded=decoded, utc=utc)
-        return req
+        on_ack, on_reject = celery_internals.ack_promises(consumer, item.message)
+        return Req(item.message, on_ack=on_ack, on_reject=on_reject, app=app, hostname=hostname,
+                   eventer=consumer.event_dispatcher, task=task,
+                   connection_errors=connection_errors, body=body or item.message.body,
+                   headers=headers or item.headers, decoded=decoded, utc=utc)
 
     source = ItemSource(task, build_request, connection_errors)
 
     def enter_buffer(item: Item) -> None:
         celery_internals.task_reserved(item)
-        batching.buffer_for(task).put(item)
+        buffer_for(task).put(item)
 
     def eta_due(item: Item) -> None:
         consumer.qos.decrement_eventually()
         celery_internals.task_ready(item.request())  # leaves the scheduled set
         enter_buffer(item)
 
-    def task_message_handler(message: Any, body: Any, ack: Any, reject: Any, callbacks: Any,
-                             **_: Any) -> None:
+    def handle(message: Any, body: Any, callbacks: Any) -> None:
         headers = message.headers
         if body is None and "id" in headers:  # protocol 2: the body stays encoded
             if message.content_type not in accept:
                 raise ContentDisallowed(
                     f"Refusing to deserialize untrusted content of type {message.content_type} "
                     f"({message.content_encoding})")
-            item = Item(message, headers, source, ack, reject)
+            item = Item(message, headers, source)
         else:  # protocol 1, or a hybrid message: Celery's conversion, decoded here
             if body is None:
-                body, headers, decoded, msg_utc = hybrid_to_proto2(message, message.payload)
+                body, headers, decoded, _ = hybrid_to_proto2(message, message.payload)
             else:
-                body, headers, decoded, msg_utc = proto1_to_proto2(message, body)
+                body, headers, decoded, _ = proto1_to_proto2(message, body)
             if not headers.get("id"):
                 raise InvalidTaskError(f"{task.name}: message without a task id")
-            item = Item(message, headers, source, ack, reject)
+            item = Item(message, headers, source)
             item._request = build_request(item, body, headers, decoded)
         if does_debug:
             # Payloads stay out of the logs (they may be user data): id, name and ETA only.
@@ -130,4 +137,25 @@ def batching_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Any:
         if task_scheduled is not None:
             task_scheduled(req)
 
+    def task_message_handler(message: Any, body: Any, ack: Any, reject: Any, callbacks: Any,
+                             **_: Any) -> None:
+        with batching.thread_lock:
+            handle(message, body, callbacks)
+
+    def receive_direct(message: Any) -> None:
+        # What Celery's Consumer.on_task_received and kombu's Consumer._receive_callback do
+        # around a strategy (Celery 5.5-5.7, kombu 5.5-5.7).
+        if kombu_accept:
+            message.accept = kombu_accept
+        try:
+            if message.errors:
+                return message._reraise_error(consumer.on_decode_error)
+            with batching.thread_lock:
+                handle(message, None, on_task_message)
+        except (InvalidTaskError, ContentDisallowed) as exc:
+            consumer.on_invalid_task(None, message, exc)
+        except DecodeError as exc:
+            consumer.on_decode_error(message, exc)
+
+    task_message_handler.receive_direct = receive_direct  # type: ignore[attr-defined]
     return task_message_handler

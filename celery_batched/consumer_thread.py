@@ -28,12 +28,12 @@ logger = logging.getLogger(__name__)
 class ConsumerThread:
     """Schedules callbacks onto the consumer's thread (created on that thread)."""
 
-    def __init__(self, consumer: Any) -> None:
+    def __init__(self, consumer: Any, lock: Any) -> None:
         self.consumer = consumer
         self.hub = consumer.hub
         self.ident = threading.get_ident()
         #: Held while the consumer handles a message and while a callback runs (no event loop).
-        self.lock = threading.RLock()
+        self.lock = lock
         self._pending: deque[tuple[Callable[..., Any], tuple[Any, ...]]] = deque()
         self._pending_lock = threading.Lock()
         self._signalled = False

@@ -36,18 +36,15 @@ class ItemSource:
 class Item:
     """A message in a batched task's buffer (or batch), with a ``Request``'s identity."""
 
-    __slots__ = ("message", "id", "headers", "source", "on_ack", "on_reject", "_request",
-                 "time_start", "worker_pid", "eventer", "buffered_at", "_terminate_on_accept",
-                 "__weakref__")
+    __slots__ = ("message", "id", "headers", "source", "_request", "time_start", "worker_pid",
+                 "eventer", "buffered_at", "_terminate_on_accept", "__weakref__")
 
-    def __init__(self, message: Any, headers: dict[str, Any], source: ItemSource, on_ack: Any,
-                 on_reject: Any, request: Any = None) -> None:
+    def __init__(self, message: Any, headers: dict[str, Any], source: ItemSource,
+                 request: Any = None) -> None:
         self.message = message
         self.headers = headers
         self.id: str = headers["id"]
         self.source = source
-        self.on_ack = on_ack
-        self.on_reject = on_reject
         self._request = request
         self.time_start: float | None = None
         self.worker_pid: int | None = None

@@ -59,10 +59,9 @@ class Prefetch:
     def held(self) -> int:
         return sum(c.held for c in self.credits)
 
-    def _settle(self) -> None:
-        extra = sum(c.wanted() for c in self.credits)
-        if extra != self.extra and self.qos is not None:
-            self.extra = extra
+    def _change(self, delta: int) -> None:
+        if delta and self.qos is not None:
+            self.extra += delta
             self.qos.prev = None  # the consumer loop re-sends the count (QoS.update) next turn
 
 
@@ -74,6 +73,7 @@ class TaskCredit:
         self.max_batch_size = max_batch_size
         self.held = 0
         self._used = False
+        self._contributed = 0
 
     @property
     def cap(self) -> int:
@@ -89,8 +89,15 @@ class TaskCredit:
     def hold(self, n: int = 1) -> None:
         self.held += n
         self._used = True
-        self.prefetch._settle()
+        self._settle()
 
     def release(self, n: int) -> None:
         self.held = max(0, self.held - n)
-        self.prefetch._settle()
+        self._settle()
+
+    def _settle(self) -> None:
+        # Prefetch.extra is the sum of every credit's last contribution; a new cap (the pool
+        # grew or shrank) is picked up here too.
+        wanted = self.wanted()
+        self.prefetch._change(wanted - self._contributed)
+        self._contributed = wanted
