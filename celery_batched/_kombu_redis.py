@@ -31,7 +31,7 @@ try:
     from kombu.transport import redis as kombu_redis
     from kombu.transport.virtual.base import QoS as VirtualQoS
     from kombu.utils.encoding import bytes_to_str
-    from kombu.utils.json import dumps, object_hook
+    from kombu.utils.json import JSONEncoder, dumps, object_hook
 except ImportError:  # pragma: no cover
     kombu_redis = None  # type: ignore[assignment]
 
@@ -186,13 +186,59 @@ def ack_many(messages: Sequence[Any], connection_errors: tuple[type[BaseExceptio
         m._state = "ACK"
 
 
+_json = JSONEncoder()  # kombu.utils.json.dumps builds this same encoder on every call
+_json_str = json.encoder.encode_basestring_ascii
+
+
+def _text(body: Any) -> str:
+    return body.decode() if isinstance(body, bytes) else body
+
+
+class _Splicer:
+    """A kombu Redis message encoded once, with marked fields to fill in per message.
+
+    ``dumps`` of a message dict costs an encoder set-up and a walk of every header; bulk
+    messages differ only in a few strings. The template is built by kombu's own
+    ``prepare_message`` and ``_inplace_augment_message``, its marked string fields become gaps,
+    and each message is the template's fragments joined with its own (JSON-encoded) values: the
+    same JSON document kombu would write (``tests/test_internals.py`` checks it, decoded, against
+    kombu's own encoding).
+    """
+
+    def __init__(self, message: dict[str, Any], fields: Sequence[str]) -> None:
+        text = dumps(message)
+        marks = {json.dumps("\x00" + f): f for f in fields}
+        found = sorted((text.index(mark), mark) for mark in marks)
+        self.fragments: list[str] = []
+        self.fields: list[str] = []
+        pos = 0
+        for at, mark in found:
+            self.fragments.append(text[pos:at])
+            self.fields.append(marks[mark])
+            pos = at + len(mark)
+        self.tail = text[pos:]
+
+    @staticmethod
+    def mark(field: str) -> str:
+        return "\x00" + field
+
+    def fill(self, values: dict[str, str]) -> str:
+        """``values``: each field's JSON-encoded value."""
+        out = []
+        for fragment, field in zip(self.fragments, self.fields):
+            out.append(fragment)
+            out.append(values[field])
+        out.append(self.tail)
+        return "".join(out)
+
+
 class RedisBulkPublisher:
-    """Publish many messages to one queue in LPUSH pipelines of ``flush_every`` messages.
+    """Publish many task messages (and their ``task-sent`` events) to one queue in pipelines.
 
     Mirrors what ``Producer._publish`` -> ``virtual.Channel.basic_publish`` -> Redis
-    ``Channel._put`` do for the default exchange (kombu 5.5-5.7): ``prepare_message``,
-    ``_inplace_augment_message`` (body encoding, delivery tag and info), then LPUSH onto the
-    queue's list for the message's priority -- without the per-message routing and dispatch.
+    ``Channel._put`` (task messages, default exchange) and ``Channel._put_fanout`` (events) do
+    (kombu 5.5-5.7), with each message spliced from a template (``_Splicer``) instead of routed,
+    augmented and encoded one by one.
 
     Each pipeline is written once on a connection of its own, never retried: redis-py retries a
     pipeline whose connection broke, which would push the messages that had already arrived a
@@ -209,6 +255,9 @@ class RedisBulkPublisher:
         self.client = self._client_cm.__enter__()
         self.commands: list[tuple[Any, ...]] = []
         self.sent = 0
+        self._task: tuple[_Splicer, str, Any, str] | None = None
+        self._event: tuple[_Splicer, list[str]] | None = None
+        self._event_body: _Splicer
 
     @classmethod
     def for_channel(cls, channel: Any, queue: str) -> RedisBulkPublisher | None:
@@ -218,20 +267,72 @@ class RedisBulkPublisher:
             return None
         return cls(channel, queue)
 
-    def publish(self, body: Any, priority: int | None, content_type: str, content_encoding: str,
-                headers: dict[str, Any], properties: dict[str, Any]) -> None:
-        channel = self.channel
-        message = channel.prepare_message(body, priority, content_type, content_encoding,
+    def set_task_template(self, priority: int | None, content_type: str, content_encoding: str,
+                          headers: dict[str, Any], properties: dict[str, Any],
+                          embed: dict[str, Any]) -> None:
+        """The message every task shares; per message: id, argsrepr, kwargsrepr, body."""
+        channel, mark = self.channel, _Splicer.mark
+        headers = {**headers, "id": mark("id"), "root_id": mark("root_id"),
+                   "argsrepr": mark("argsrepr"), "kwargsrepr": mark("kwargsrepr")}
+        properties = {**properties, "correlation_id": mark("correlation_id")}
+        message = channel.prepare_message(mark("body"), priority, content_type, content_encoding,
                                           headers, properties)
         channel._inplace_augment_message(message, "", self.queue)
+        encoding = message["properties"]["body_encoding"]
+        message["body"] = mark("body")
+        message["properties"]["delivery_tag"] = mark("delivery_tag")
+        splicer = _Splicer(message, ["id", "root_id", "argsrepr", "kwargsrepr", "correlation_id",
+                                     "body", "delivery_tag"])
         key = channel._q_for_pri(self.queue, channel._get_message_priority(message, reverse=False))
-        self.commands.append(("LPUSH", key, dumps(message)))
+        self._task = (splicer, key, encoding, ", " + _json.encode(embed) + "]")
+
+    def publish_task(self, task_id: str, args: Any, kwargs: Any, argsrepr: str,
+                     kwargsrepr: str, delivery_tag: str) -> None:
+        """One task message (JSON body ``[args, kwargs, embed]``), as ``Channel._put`` writes it."""
+        assert self._task is not None
+        splicer, key, encoding, embed_tail = self._task
+        body = "[" + _json.encode(args) + ", " + _json.encode(kwargs) + embed_tail
+        quoted_id = '"' + task_id + '"'
+        self.commands.append(("LPUSH", key, splicer.fill({
+            "id": quoted_id, "root_id": quoted_id, "correlation_id": quoted_id,
+            "argsrepr": _json_str(argsrepr), "kwargsrepr": _json_str(kwargsrepr),
+            "body": _json_str(_text(self.channel.encode_body(body.encode(), encoding)[0])),
+            "delivery_tag": '"' + delivery_tag + '"'})))
         if len(self.commands) >= self.flush_every:
             self.flush()
 
-    def add_command(self, *args: Any) -> None:
-        """Another command for the same pipeline (the task-sent events' PUBLISH)."""
-        self.commands.append(args)
+    def set_event_template(self, exchange: str, routing_key: str, content_type: str,
+                           content_encoding: str, headers: dict[str, Any], delivery_mode: Any,
+                           event: dict[str, Any]) -> None:
+        """The ``task-sent`` events: ``event`` is one event (Celery's ``_prepare_event``) whose
+        ``uuid``, ``root_id``, ``args``, ``kwargs``, ``clock`` and ``timestamp`` change per
+        message; the envelope goes to the fanout exchange ``exchange``."""
+        channel, mark = self.channel, _Splicer.mark
+        event_fields = ["uuid", "root_id", "args", "kwargs", "clock", "timestamp"]
+        self._event_body = _Splicer({**event, **{f: mark(f) for f in event_fields}}, event_fields)
+        message = channel.prepare_message(mark("body"), 0, content_type, content_encoding,
+                                          dict(headers), {"delivery_mode": delivery_mode})
+        channel._inplace_augment_message(message, exchange, routing_key)
+        message["body"] = mark("body")
+        message["properties"]["delivery_tag"] = mark("delivery_tag")
+        topics_of = getattr(channel, "_get_publish_topics", None)  # kombu >= 5.7
+        topics = (topics_of(exchange, routing_key) if topics_of is not None
+                  else [channel._get_publish_topic(exchange, routing_key)])
+        self._event = (_Splicer(message, ["body", "delivery_tag"]), topics)
+
+    def publish_event(self, task_id: str, argsrepr: str, kwargsrepr: str, clock: int,
+                      timestamp: float, delivery_tag: str) -> None:
+        """One ``task-sent`` event, as ``Channel._put_fanout`` publishes it."""
+        assert self._event is not None
+        splicer, topics = self._event
+        quoted_id = '"' + task_id + '"'
+        event = self._event_body.fill({
+            "uuid": quoted_id, "root_id": quoted_id, "args": _json_str(argsrepr),
+            "kwargs": _json_str(kwargsrepr), "clock": str(clock), "timestamp": repr(timestamp)})
+        body = _text(self.channel.encode_body(event.encode(), self.channel.body_encoding)[0])
+        payload = splicer.fill({"body": _json_str(body), "delivery_tag": '"' + delivery_tag + '"'})
+        for topic in topics:
+            self.commands.append(("PUBLISH", topic, payload))
 
     def flush(self) -> None:
         commands, self.commands = self.commands, []

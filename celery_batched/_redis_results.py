@@ -9,13 +9,21 @@ delivery), else ``SET`` with the backend's expiry and ``PUBLISH`` to wake ``Asyn
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
+
+from kombu.utils.json import object_hook
 
 try:
     from celery.backends.redis import RedisBackend
 except ImportError:  # pragma: no cover
     RedisBackend = None
+
+try:  # Celery >= 5.7 marks compressed results (result_compression)
+    from celery.backends.base import COMPRESSED_PAYLOAD_MAGIC as _COMPRESSED
+except ImportError:  # pragma: no cover
+    _COMPRESSED = b"\x00never-a-prefix\x00"
 
 #: Keys per script call at most (one call holds Redis for its duration).
 MAX_KEYS_PER_CALL = 1000
@@ -63,7 +71,8 @@ def store(backend: Any, task_ids: Sequence[str], metas: Sequence[Any]) -> int:
     as ``RedisBackend.set`` does), then raised.
     """
     keys = [backend.get_key_for_task(task_id) for task_id in task_ids]
-    codec = backend.serializer if backend.serializer in ("json", "msgpack") else ""
+    readable = backend.serializer in ("json", "msgpack") and not getattr(backend, "compression", None)
+    codec = backend.serializer if readable else ""
     ttl = int(backend.expires or 0)
     return int(backend.ensure(_store, (backend, keys, list(metas), codec, ttl)))
 
@@ -83,3 +92,36 @@ def _store(backend: Any, keys: list[Any], metas: list[Any], codec: str, ttl: int
         end = start + MAX_KEYS_PER_CALL
         written += script(keys=keys[start:end], args=[ttl, codec, *metas[start:end]], client=client)
     return written
+
+
+def can_read(backend: Any) -> bool:
+    """Whether ``read`` can fetch this backend's results in bulk."""
+    return RedisBackend is not None and isinstance(backend, RedisBackend)
+
+
+_plain_json = json.JSONDecoder().decode
+_hooked_json = json.JSONDecoder(object_hook=object_hook).decode
+
+
+def read(backend: Any, task_ids: Sequence[str]) -> list[dict[str, Any] | None]:
+    """The stored meta of each task (None where nothing is stored), with ``MGET`` in chunks.
+
+    Mirrors ``Backend.decode_result`` (``decode`` + ``meta_from_decoded``); JSON metas are decoded
+    with one decoder kept for the process (``kombu.utils.json.loads`` builds one per call).
+    """
+    client = backend.client
+    keys = [backend.get_key_for_task(task_id) for task_id in task_ids]
+    fast_json = (backend.serializer == "json" and "application/json" in (backend.accept or ())
+                 and backend.content_type == "application/json")
+    out: list[dict[str, Any] | None] = []
+    for start in range(0, len(keys), MAX_KEYS_PER_CALL):
+        for raw in client.mget(keys[start:start + MAX_KEYS_PER_CALL]):
+            if raw is None:
+                out.append(None)
+            elif fast_json and not raw.startswith(_COMPRESSED):
+                text = raw.decode() if isinstance(raw, bytes) else raw
+                meta = _hooked_json(text) if '"__type__"' in text else _plain_json(text)
+                out.append(backend.meta_from_decoded(meta))
+            else:
+                out.append(backend.decode_result(raw))
+    return out

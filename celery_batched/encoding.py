@@ -43,6 +43,8 @@ class MetaEncoder:
     def __init__(self, backend: Any) -> None:
         self.backend = backend
         self.serializer = backend.serializer
+        # Celery >= 5.7 compresses the encoded meta (result_compression) in Backend.encode.
+        self.compression = getattr(backend, "compression", None)
         if self.serializer == "msgpack":
             import msgpack  # present: the backend itself needs it to encode
 
@@ -54,6 +56,8 @@ class MetaEncoder:
         """One encoded meta per item (``None`` where ``on_error(index, exc)`` was called)."""
         encode_one = {"json": self._json_meta, "msgpack": self._msgpack_meta}.get(
             self.serializer, self._dict_meta)
+        if self.compression:
+            encode_one = self._compressed(encode_one)
         out: list[Any] = []
         for i, (task_id, h, value) in enumerate(zip(task_ids, headers, values)):
             try:
@@ -65,6 +69,16 @@ class MetaEncoder:
                 on_error(i, exc)
                 out.append(None)
         return out
+
+    def _compressed(self, encode_one: Callable[..., Any]) -> Callable[..., Any]:
+        from celery.backends.base import compress_payload
+
+        def encode(task_id: str, headers: dict[str, Any], value: Any, date_done: str) -> Any:
+            payload = encode_one(task_id, headers, value, date_done)
+            if isinstance(payload, str):
+                payload = payload.encode()
+            return compress_payload(payload, self.compression)
+        return encode
 
     def _json_meta(self, task_id: str, headers: dict[str, Any], value: Any, date_done: str) -> str:
         parts = ['{"status": "SUCCESS", "result": ', _json.encode(value),
@@ -93,6 +107,7 @@ class MetaEncoder:
         return b"".join(parts)
 
     def _dict_meta(self, task_id: str, headers: dict[str, Any], value: Any, date_done: str) -> Any:
+        """``Backend.encode`` of the meta dict (compression included, where configured)."""
         backend = self.backend
         meta = {"status": "SUCCESS", "result": backend.encode_result(value, "SUCCESS"),
                 "traceback": None, "children": [], "date_done": date_done, "task_id": task_id}
