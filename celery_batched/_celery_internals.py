@@ -222,7 +222,8 @@ def dispatch_callbacks_and_chain(task: Any, retval: Any, ctx: Context) -> None:
     task_id = ctx.id
     root_id = ctx.root_id or task_id
     priority = (ctx.delivery_info or {}).get("priority") if app.conf.task_inherit_parent_priority else None
-    publish = app.amqp._retry_publish
+    # Celery >= 5.7 retries a callback's publish on its own (AMQP._retry_publish).
+    publish = getattr(app.amqp, "_retry_publish", None) or _publish_once
     if callbacks:
         sigs: list[Any] = []
         groups: list[Any] = []
@@ -242,6 +243,10 @@ def dispatch_callbacks_and_chain(task: Any, retval: Any, ctx: Context) -> None:
         next_step = signature(chain[-1], app=app)
         publish(next_step.apply_async, (retval,), chain=chain[:-1], parent_id=task_id,
                 root_id=root_id, priority=priority)
+
+
+def _publish_once(publish: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    return publish(*args, **kwargs)
 
 
 def autoretry(task: Any, exc: BaseException) -> BaseException:

@@ -263,7 +263,7 @@ class RedisBulkPublisher:
     def for_channel(cls, channel: Any, queue: str) -> RedisBulkPublisher | None:
         """A publisher, or None where kombu's own path must run (prefixes, queue TTLs)."""
         if (kombu_redis is None or not isinstance(channel, kombu_redis.Channel)
-                or channel.global_keyprefix or queue in (channel._expires or {})):
+                or channel.global_keyprefix or queue in (getattr(channel, "_expires", None) or {})):
             return None
         return cls(channel, queue)
 

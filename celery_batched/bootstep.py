@@ -27,7 +27,7 @@ from .completion import Completion
 from .consumer_thread import ConsumerThread
 from .dispatch import Batch, BatchDispatcher
 from .prefetch import Prefetch
-from .worker_checks import check_worker
+from .worker_checks import check_result_serializer, check_worker
 from .writer import ResultWriter
 
 logger = get_logger(__name__)
@@ -48,6 +48,7 @@ class BatchingStep(bootsteps.StartStopStep):
         # the batched tasks' strategies find their buffers here.
         c.batching = self
         self.consumer = c
+        check_result_serializer(c.app)  # before Celery builds its result backend (the banner)
         self.buffers: dict[str, BatchBuffer] = {}
         self.batch_sizes: dict[str, Counter[int]] = {}
         self.flush_reasons: dict[str, Counter[str]] = {}

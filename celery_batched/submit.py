@@ -139,7 +139,7 @@ class _BulkSend:
         self.template = amqp.as_task_v2("", task.name, (), {}, origin=anon_nodename(),
                                         create_sent_event=sent_event, **message_options)
         self.maxsize = amqp.argsrepr_maxsize, amqp.kwargsrepr_maxsize
-        self.maxlevels = app.conf.task_repr_maxlevels
+        self.maxlevels = app.conf.get("task_repr_maxlevels", 3)  # Celery >= 5.7 has the setting
         self.serializer = getattr(task, "serializer", None) or app.conf.task_serializer
         self.compression = app.conf.task_compression
         self.events = app.events.Dispatcher(producer.connection, enabled=False) if sent_event else None

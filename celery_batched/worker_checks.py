@@ -30,7 +30,6 @@ def check_worker(app: Any, transport_driver: str) -> None:
     tasks = batched_tasks(app)
     if not tasks:
         return
-    check_result_serializer(app)
     if transport_driver == "redis":
         check_visibility_timeout(app, tasks)
     for task in tasks:
@@ -42,11 +41,18 @@ def check_worker(app: Any, transport_driver: str) -> None:
 
 
 def check_result_serializer(app: Any) -> None:
-    """The result serializer must be able to encode a result at all."""
+    """The result serializer must be able to encode a result at all.
+
+    kombu registers a missing library's serializer either with an encoder that raises
+    (msgpack) or with none at all (yaml: Celery then fails building its result backend with a
+    bare ``KeyError``), so this runs while the worker is assembled, before Celery's banner.
+    """
+    if not batched_tasks(app):
+        return
     serializer = app.conf.result_serializer
     try:
         dumps({"status": "SUCCESS", "result": [0.5, 1, "x"]}, serializer=serializer)
-    except (SerializerNotInstalled, EncodeError) as exc:
+    except (SerializerNotInstalled, EncodeError, KeyError) as exc:
         hint = {"msgpack": "pip install msgpack", "yaml": "pip install PyYAML"}.get(
             serializer, f"install the library behind {serializer!r}")
         raise WorkerConfigurationError(

@@ -14,6 +14,7 @@ from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded, WorkerLo
 
 from . import report
 from .conftest import AMQP_URL, REDIS_URL
+from .servers import RabbitVhost, RedisServer
 from .workers import wait_for
 
 APP = "tests.apps.faults"
@@ -67,7 +68,7 @@ def test_kill_9_mid_run_loses_nothing(broker, queue, redis_client, start_worker)
     # Only what the killed worker held (buffer + running batch) may run twice.
     assert duplicated <= 20 * 3 + 8
     assert all(r.state == states.SUCCESS for r in results)
-    report.add("kill -9 worker mid-run (acks_late)", broker.name, n, len(values), duplicated,
+    report.add("kill -9 worker mid-run (acks_late)", broker.name, n, _final(results), duplicated,
                f"{done_before} done before the kill")
 
 
@@ -110,39 +111,165 @@ def test_warm_shutdown_finishes_running_batch_and_hands_back_buffer(broker, queu
     assert [r.get(timeout=30) for r in buffered] == [i + 1000 for i in range(10, 15)]
     counts = runs(redis_client)
     assert {i: c for i, c in counts.items() if c != 1} == {}
-    report.add("warm shutdown (SIGTERM) mid-batch", broker.name, 15, 15, 0,
-               "running batch stored, 5 buffered handed back")
+    report.add("warm shutdown (SIGTERM) mid-batch", broker.name, 15, _final(running + buffered),
+               sum(1 for c in counts.values() if c > 1),
+               f"running batch stored, {len(buffered)} buffered handed back")
 
 
-def _drop_connections(broker) -> None:
-    if broker.name == "redis":
-        import redis
-        admin = redis.Redis.from_url(REDIS_URL)
-        for _ in range(5):  # a few times, so the kill also lands while a BRPOP is waiting
-            admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
-            time.sleep(0.2)
+@pytest.fixture(params=["redis", "rabbitmq"])
+def private_broker(request, queue, tmp_path):
+    """A broker of this test's own -- a redis-server on a free port, or a RabbitMQ vhost -- whose
+    connections the test may drop without disturbing anyone else's."""
+    if request.param == "redis":
+        server = RedisServer(tmp_path).start()
+        url = server.url(0)
+
+        def drop() -> None:
+            for _ in range(5):  # a few times, so the kill also lands while a BRPOP is waiting
+                server.client().execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+                time.sleep(0.2)
+
+        def unacked(_: str) -> int:
+            return int(server.client().hlen("unacked"))
+        cleanup = server.stop
     else:
-        subprocess.run(["rabbitmqctl", "close_all_connections", "test: connection drop"],
-                       check=True, capture_output=True, timeout=60)
+        vhost = RabbitVhost().create()
+        url = vhost.url()
+        drop, unacked, cleanup = vhost.close_connections, vhost.unacked, vhost.delete
+    client = Celery("client", broker=url, backend=REDIS_URL)
+    client.conf.update(task_serializer="json", accept_content=["json"], result_serializer="json")
+    yield SimpleNamespace(name=request.param, url=url, app=client, env={"TEST_BROKER_URL": url},
+                          drop=drop, unacked=unacked,
+                          server=server if request.param == "redis" else None)
+    client.close()
+    cleanup()
 
 
-def test_broker_connection_lost_and_restored(broker, queue, redis_client, start_worker):
+def test_broker_connection_lost_and_restored(private_broker, queue, redis_client, start_worker):
+    broker = private_broker
     redis_client.set("delay", 0.05)
     worker = start_worker(APP, queues=queue, env=broker.env)
     first = send_many(broker, "slow_square", [(i,) for i in range(400)], queue)
     wait_for(lambda: len(runs(redis_client)) >= 60, 30, what="batches before the drop")
-    _drop_connections(broker)
+    connections_before = broker.server.connections_received() if broker.server else 0
+    broker.drop()
     # redis-py may reconnect some connections on its own; kombu's lost BRPOP connection makes
-    # Celery restart the consumer. Either way the worker must keep going.
+    # Celery restart the consumer. Either way the worker must keep going, and reconnect.
     second = send_many(broker, "slow_square", [(i,) for i in range(400, 600)], queue)
+    unacked = []
+    while not all(r.ready() for r in first + second):
+        unacked.append(broker.unacked(queue))
+        time.sleep(0.2)
     values = [r.get(timeout=120) for r in first + second]
     assert values == [i * i for i in range(600)]
-    counts = runs(redis_client)
-    duplicated = sum(1 for c in counts.values() if c > 1)
+    if broker.server is not None:
+        reconnected = broker.server.connections_received() - connections_before
+        assert reconnected > 0, "the worker never reconnected after its connections were killed"
+        note = f"kept batching; {reconnected} new connection(s)"
+    else:
+        restarts = worker.log().count("Connected to") - 1
+        assert restarts >= 1, "the consumer never reconnected after its connection was closed"
+        note = f"kept batching; consumer restarts: {restarts}"
     assert max(batch_sizes(redis_client)) <= 20
-    restarts = worker.log().count("Connected to") - 1
-    report.add("broker connections dropped mid-run", broker.name, 600, len(values), duplicated,
-               f"kept batching; consumer restarts: {restarts}")
+    # max_batch_size (20) x (1 process + 2) + Celery's own prefetch (4); RabbitMQ's count trails.
+    assert max(unacked) <= 64 + (20 if broker.name == "rabbitmq" else 0), max(unacked)
+    counts = runs(redis_client)
+    report.add("broker connections dropped mid-run", broker.name, 600, _final(first + second),
+               sum(1 for c in counts.values() if c > 1), note + f", max unacked {max(unacked)}")
+
+
+def _final(results) -> int:
+    """How many results reached a final state (SUCCESS, FAILURE or REVOKED): measured, not
+    assumed."""
+    return sum(1 for r in results if r.state in states.READY_STATES)
+
+
+@pytest.mark.parametrize("pool", ["prefork", "threads"])
+def test_result_backend_outage_hands_items_back(queue, redis_client, start_worker, tmp_path, pool):
+    """The result backend stays down longer than its retry policy: no item is acknowledged
+    without its result; they go back to the broker, run again once it is back, and the worker
+    keeps flushing meanwhile."""
+    backend = RedisServer(tmp_path, persistent=True).start()
+    env = {"TEST_BACKEND_URL": backend.url(), "TEST_RECORD_URL": REDIS_URL,
+           "TEST_BACKEND_RETRY_S": "0.6"}
+    client = Celery("client", broker=REDIS_URL, backend=backend.url())
+    client.conf.update(task_serializer="json", accept_content=["json"], result_serializer="json")
+    broker = SimpleNamespace(app=client)
+    redis_client.set("delay", 0.02)
+    worker = start_worker(APP, queues=queue, pool=pool, concurrency=1, env=env)
+    # Sent up front: the client's own send_task subscribes to each result in the backend.
+    results = send_many(broker, "slow_square", [(i,) for i in range(300)], queue)
+    wait_for(lambda: len(runs(redis_client)) >= 40, 30, what="batches before the outage")
+    backend.stop()
+    ran_at_stop = sum(runs(redis_client).values())
+    time.sleep(4)  # several retry policies' worth
+    ran_during = sum(runs(redis_client).values()) - ran_at_stop
+    backend.start()
+    values = [r.get(timeout=90) for r in results]
+    assert values == [i * i for i in range(300)]
+    assert all(r.state == states.SUCCESS for r in results)
+    assert worker.proc.poll() is None, "the worker died"
+    assert "handed back to the broker" in worker.log(), "the outage never hit a batch's results"
+    assert ran_during > 0, "the worker stopped running batches while the backend was down"
+    counts = runs(redis_client)
+    client.close()
+    report.add(f"result backend down 4 s (retry policy 0.6 s), -P {pool}", "redis", 300,
+               _final(results), sum(1 for c in counts.values() if c > 1),
+               f"handed back, ran again; {ran_during} runs during the outage")
+
+
+@pytest.mark.parametrize("setting", [
+    pytest.param(("redis", "worker_prefetch_multiplier=0"), id="redis-multiplier-0"),
+    pytest.param(("rabbitmq", "worker_prefetch_multiplier=0"), id="rabbitmq-multiplier-0"),
+    pytest.param(("redis", "worker_disable_prefetch"), id="redis-disable-prefetch"),
+    pytest.param(("redis", "--autoscale=4,1"), id="redis-autoscale"),
+])
+def test_unacked_stay_bounded_under_every_prefetch_setting(setting, queue, redis_client,
+                                                           start_worker, request):
+    """Unacknowledged messages stay <= max_batch_size x (pool processes + 2) + Celery's own
+    prefetch, however prefetch is configured; batches still fill."""
+    broker_name, what = setting
+    url = {"redis": REDIS_URL, "rabbitmq": AMQP_URL}[broker_name]
+    client = Celery("client", broker=url, backend=REDIS_URL)
+    client.conf.update(task_serializer="json", accept_content=["json"], result_serializer="json")
+    broker = SimpleNamespace(name=broker_name, app=client)
+    env, extra_args, processes, base = {"TEST_BROKER_URL": url}, (), 1, 4
+    if what == "worker_prefetch_multiplier=0":
+        env["TEST_PREFETCH_MULTIPLIER"], base = "0", 1  # "unlimited": one per process instead
+    elif what == "worker_disable_prefetch":
+        env["TEST_DISABLE_PREFETCH"] = "1"
+    else:
+        extra_args, processes, base = ("--autoscale=4,1",), 4, 16
+    redis_client.set("delay", 0.05)
+    n = 2000
+    results = send_many(broker, "slow_square", [(i,) for i in range(n)], queue)
+    worker = start_worker(APP, queues=queue, env=env, extra_args=extra_args)
+    unacked = []
+    deadline = time.monotonic() + 120
+    while int(sum(runs(redis_client).values())) < n:
+        assert time.monotonic() < deadline, f"drained {sum(runs(redis_client).values())} of {n}"
+        unacked.append(_unacked(broker, queue))
+        time.sleep(0.1)
+    assert [r.get(timeout=30) for r in results] == [i * i for i in range(n)]
+    bound = 20 * (processes + 2) + base
+    if what == "worker_disable_prefetch":
+        bound = 20 * processes + base  # batching fetches only for a free pool process
+    slack = 20 if broker_name == "rabbitmq" else 0  # RabbitMQ's count trails the acks
+    assert max(unacked) <= bound + slack, (max(unacked), bound)
+    sizes = batch_sizes(redis_client)
+    assert sum(sizes) / len(sizes) > 10, f"batches didn't fill: mean {sum(sizes) / len(sizes):.1f}"
+    pids = {x.split(b":")[0] for x in redis_client.lrange("batches", 0, -1)}
+    if what.startswith("--autoscale"):
+        assert len(pids) > 1, "the pool never grew"
+        assert max(unacked) > 20 * (1 + 2) + base, "batching's prefetch cap didn't grow with the pool"
+    if broker_name == "rabbitmq":
+        with client.connection_for_write() as conn:
+            conn.default_channel.queue_delete(queue)
+    client.close()
+    report.add(f"drain {n} with {what}", broker_name, n, _final(results),
+               sum(1 for c in runs(redis_client).values() if c > 1),
+               f"max unacked {max(unacked)} (bound {bound}), {len(pids)} process(es), "
+               f"mean batch {sum(sizes) / len(sizes):.1f}")
 
 
 def test_time_limits_fail_the_batch_and_worker_stays_healthy(broker, queue, redis_client, start_worker):
@@ -158,7 +285,10 @@ def test_time_limits_fail_the_batch_and_worker_stays_healthy(broker, queue, redi
         assert r.state == states.FAILURE
     after = send_many(broker, "hard_limited", [(0.01,), (0.02,)], queue)
     assert [r.get(timeout=30) for r in after] == [0.01, 0.02]
-    report.add("soft + hard time limits", broker.name, 6, 6, 0, "batch items FAILURE, worker healthy")
+    failed = sum(1 for r in soft + hard if r.state == states.FAILURE)
+    report.add("soft + hard time limits", broker.name, 6, _final(soft + hard + after),
+               sum(1 for c in runs(redis_client).values() if c > 1),
+               f"{failed} items FAILURE, worker healthy")
 
 
 def test_eta_items_wait_without_taking_batch_slots(broker, queue, redis_client, start_worker):
@@ -182,7 +312,7 @@ def test_eta_items_wait_without_taking_batch_slots(broker, queue, redis_client, 
     delayed = [k for t, k in eta_runs if t >= due - 0.05]
     assert sum(immediate) == 10  # nothing with an ETA ran early or shared their batches
     assert sum(delayed) == n and max(delayed) <= 50
-    report.add(f"{n} ETA items + 10 immediate", broker.name, n + 10, n + 10,
+    report.add(f"{n} ETA items + 10 immediate", broker.name, n + 10, _final(later + now),
                sum(1 for c in runs(redis_client).values() if c > 1), "ETA items batched when due, <= 50")
 
 
@@ -197,7 +327,9 @@ def test_expired_and_revoked_items_never_reach_the_function(broker, queue, redis
     wait_for(lambda: expiring.state == states.REVOKED and revoked.state == states.REVOKED, 10,
              what="REVOKED states")
     assert set(redis_client.hgetall("runs")) == {b"keep"}
-    report.add("expired + revoked while buffered", broker.name, 3, 3, 0, "2 REVOKED, never run")
+    revoked_n = sum(1 for r in (expiring, revoked) if r.state == states.REVOKED)
+    report.add("expired + revoked while buffered", broker.name, 3, _final([keep, expiring, revoked]),
+               0, f"{revoked_n} REVOKED, never run")
 
 
 def test_poison_item_is_isolated_by_bisection(broker, queue, redis_client, start_worker):
@@ -212,8 +344,9 @@ def test_poison_item_is_isolated_by_bisection(broker, queue, redis_client, start
             assert r.get(timeout=15) == x * 3
     calls = int(redis_client.get("calls"))
     assert calls <= 1 + 2 * 4  # the failing call, then two halves per level of log2(16)
-    report.add("poison item, isolate_failures=True", broker.name, 16, 16, 0,
-               f"15 SUCCESS, 1 FAILURE, {calls} calls")
+    ok = sum(1 for r in results if r.state == states.SUCCESS)
+    report.add("poison item, isolate_failures=True", broker.name, 16, _final(results), 0,
+               f"{ok} SUCCESS, {16 - ok} FAILURE, {calls} calls")
 
 
 def test_bad_input_catalogue(broker, queue, redis_client, start_worker):
@@ -252,8 +385,13 @@ def test_bad_input_catalogue(broker, queue, redis_client, start_worker):
     assert pickled.state == states.PENDING
     after = app.send_task(name, ("echo", "still alive"), queue=queue)
     assert after.get(timeout=15) == "still alive"
-    report.add("bad input catalogue (14 cases)", broker.name, len(cases) + len(good) + 2,
-               len(cases) + len(good) + 2, 0, "10 clear per-item errors, 3 good, 1 rejected pickle")
+    clear = sum(1 for r, _, _ in cases.values() if r.state == states.FAILURE)
+    fine = sum(1 for r, _ in good.values() if r.state == states.SUCCESS)
+    rejected = int(pickled.state == states.PENDING)
+    everything = [r for r, _, _ in cases.values()] + [r for r, _ in good.values()] + [after]
+    report.add(f"bad input catalogue ({len(cases) + len(good) + 1} cases)", broker.name,
+               len(everything) + 1, _final(everything) + rejected, 0,
+               f"{clear} clear per-item errors, {fine} good, {rejected} rejected pickle")
 
 
 def test_two_workers_on_one_queue_no_duplicates(broker, queue, redis_client, start_worker):
@@ -267,7 +405,8 @@ def test_two_workers_on_one_queue_no_duplicates(broker, queue, redis_client, sta
     assert len(counts) == n and set(counts.values()) == {1}
     pids = {x.split(b":")[0] for x in redis_client.lrange("batches", 0, -1)}
     assert len(pids) == 2, "both workers should have run batches"
-    report.add("two workers, one queue", broker.name, n, n, 0, "both batched")
+    report.add("two workers, one queue", broker.name, n, _final(results),
+               sum(1 for c in counts.values() if c > 1), f"{len(pids)} workers batched")
 
 
 def _unacked(broker, queue) -> int:
@@ -310,5 +449,6 @@ def test_memory_and_unacked_stay_bounded_while_draining(broker, queue, redis_cli
     warm = [r for done, r in rss if done >= n * 0.1]
     growth_mb = (max(warm) - warm[0]) / 2**20
     assert growth_mb < 30, f"RSS grew {growth_mb:.1f} MB while draining"
-    report.add(f"drain {n} queued items", broker.name, n, n, 0,
+    drained = int(redis_client.get("tally") or 0)
+    report.add(f"drain {n} queued items", broker.name, n, min(drained, n), max(0, drained - n),
                f"max unacked {max(unacked)}, RSS growth {growth_mb:.1f} MB after warm-up")

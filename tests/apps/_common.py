@@ -12,12 +12,15 @@ from redis.retry import Retry
 
 BROKER = os.environ.get("TEST_BROKER_URL", "redis://127.0.0.1:6379/11")
 BACKEND = os.environ.get("TEST_BACKEND_URL", "redis://127.0.0.1:6379/11")
+#: Where the test tasks record their runs (the shared test Redis when the backend is a server a
+#: fault test stops).
+RECORD = os.environ.get("TEST_RECORD_URL", BACKEND)
 
 
 def redis_client() -> redis.Redis:
     """The tasks' own Redis client (for recording runs); retries, since the fault tests kill
     every client connection and the tasks' bookkeeping must survive that like the worker does."""
-    return redis.Redis.from_url(BACKEND, retry=Retry(ExponentialBackoff(cap=0.5), 10),
+    return redis.Redis.from_url(RECORD, retry=Retry(ExponentialBackoff(cap=0.5), 10),
                                 retry_on_error=[redis.ConnectionError, redis.TimeoutError])
 
 

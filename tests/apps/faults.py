@@ -19,6 +19,16 @@ app = make_app(
         "unacked_restore_throttle": 1,
     } if BROKER.startswith("redis") else {},
 )
+# Settings a fault test picks through the environment of its worker.
+if os.environ.get("TEST_PREFETCH_MULTIPLIER"):
+    app.conf.worker_prefetch_multiplier = int(os.environ["TEST_PREFETCH_MULTIPLIER"])
+if os.environ.get("TEST_DISABLE_PREFETCH"):
+    app.conf.worker_disable_prefetch = True
+if os.environ.get("TEST_BACKEND_RETRY_S"):  # give up storing a result after about this long
+    app.conf.result_backend_transport_options = {"retry_policy": {
+        "max_retries": 3, "interval_start": 0,
+        "interval_step": float(os.environ["TEST_BACKEND_RETRY_S"]) / 3,
+        "interval_max": float(os.environ["TEST_BACKEND_RETRY_S"]) / 3}}
 
 _redis = redis_client()
 
