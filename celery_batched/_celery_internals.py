@@ -515,3 +515,17 @@ class LazyAsyncResult(AsyncResult):
     @on_ready.setter
     def on_ready(self, value: Any) -> None:
         self.__dict__["_lazy_on_ready"] = value
+
+
+def prepare_event(dispatcher: Any, type_: str, fields: dict[str, Any]) -> dict[str, Any]:
+    """One event as ``EventDispatcher.publish`` would send it: the clock forwarded, hostname,
+    utcoffset, pid, timestamp. Mirrors ``EventDispatcher._prepare_event`` (Celery 5.7; inlined
+    in ``EventDispatcher.publish`` before)."""
+    prepare = getattr(dispatcher, "_prepare_event", None)
+    if prepare is not None:
+        return prepare(type_, fields)
+    from celery.events.event import Event
+    from celery.utils.time import utcoffset
+
+    return Event(type_, hostname=dispatcher.hostname, utcoffset=utcoffset(), pid=dispatcher.pid,
+                 clock=dispatcher.clock.forward(), **fields)

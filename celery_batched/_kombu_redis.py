@@ -334,6 +334,10 @@ class RedisBulkPublisher:
         for topic in topics:
             self.commands.append(("PUBLISH", topic, payload))
 
+    def add_command(self, *args: Any) -> None:
+        """Another command for the current pipeline."""
+        self.commands.append(args)
+
     def flush(self) -> None:
         commands, self.commands = self.commands, []
         if not commands:

@@ -26,7 +26,7 @@ from celery.utils.nodenames import anon_nodename
 from celery.utils.saferepr import saferepr
 
 from . import _redis_results
-from ._celery_internals import LazyAsyncResult
+from ._celery_internals import LazyAsyncResult, prepare_event
 from ._kombu_redis import RedisBulkPublisher
 from ._types import BatchedTaskLike
 from .errors import ItemArgumentsError
@@ -178,7 +178,7 @@ class _BulkSend:
         if events is not None:  # one event from Celery's own EventDispatcher, the rest spliced
             fast.set_event_template(events.exchange.name, "task.sent", "application/json",
                                     "utf-8", events.headers, events.delivery_mode,
-                                    events._prepare_event("task-sent", self._event_fields()))
+                                    prepare_event(events, "task-sent", self._event_fields()))
             forward, now = events.clock.forward, time.time
         tags = _uuid4s(len(calls) * (2 if events is not None else 1))
         for k, ((args, kwargs), task_id) in enumerate(zip(calls, ids)):

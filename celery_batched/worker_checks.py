@@ -66,6 +66,7 @@ def check_visibility_timeout(app: Any, tasks: list[Any]) -> None:
     outlast it (buffered wait + time limit) would run its items twice, or forever."""
     options = app.conf.broker_transport_options or {}
     visibility = float(options.get("visibility_timeout", DEFAULT_VISIBILITY_TIMEOUT_S))
+    unlimited = []
     for task in tasks:
         wait_s = task._batch_spec.wait_s
         limit = task.time_limit or app.conf.task_time_limit
@@ -75,9 +76,12 @@ def check_visibility_timeout(app: Any, tasks: list[Any]) -> None:
                 f"batch can take wait_ms ({wait_s * 1000:g} ms) + time_limit ({limit}s); its items "
                 f"would be delivered again while they run. Raise broker_transport_options"
                 f"['visibility_timeout'] above {wait_s + float(limit):g}s or lower time_limit.")
-        if not limit and visibility < 600:
-            logger.warning(
-                "celery_batched: %s: Redis visibility_timeout is %gs and the task has no "
-                "time_limit; a batch running longer than that is delivered again. Set time_limit "
-                "on the task and keep visibility_timeout above wait_ms + time_limit.",
-                task.name, visibility)
+        if not limit:
+            unlimited.append(task.name)
+    if unlimited and visibility < 600:
+        names = ", ".join(sorted(unlimited)[:3]) + (f" and {len(unlimited) - 3} more"
+                                                     if len(unlimited) > 3 else "")
+        logger.warning(
+            "celery_batched: Redis visibility_timeout is %gs and %s have no time_limit; a batch "
+            "running longer than that is delivered again. Set time_limit on batched tasks and "
+            "keep visibility_timeout above wait_ms + time_limit.", visibility, names)

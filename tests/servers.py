@@ -26,11 +26,12 @@ def free_port() -> int:
 class RedisServer:
     """A ``redis-server`` on a free port; ``persistent`` keeps data across ``restart`` (AOF)."""
 
-    def __init__(self, workdir: Path, persistent: bool = False) -> None:
+    def __init__(self, workdir: Path, persistent: bool = False, *extra_args: str) -> None:
         self.port = free_port()
         self.dir = workdir / f"redis-{self.port}"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.persistent = persistent
+        self.extra_args = extra_args
         self.proc: subprocess.Popen[bytes] | None = None
 
     def url(self, db: int = 0) -> str:
@@ -44,7 +45,8 @@ class RedisServer:
                        else ["--appendonly", "no"])
         self.proc = subprocess.Popen(
             [shutil.which("redis-server") or "redis-server", "--port", str(self.port),
-             "--bind", "127.0.0.1", "--save", "", "--dir", str(self.dir), *persistence],
+             "--bind", "127.0.0.1", "--save", "", "--dir", str(self.dir), *persistence,
+             *self.extra_args],
             stdout=(self.dir / "server.log").open("ab"), stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:

@@ -12,6 +12,7 @@ from celery import states
 from celery_batched import BatchResultError, ItemArgumentsError, ItemResultEncodeError
 
 from .apps import calc
+from .conftest import REDIS_URL
 from .workers import wait_for
 
 APP = "tests.apps.calc"
@@ -330,3 +331,44 @@ def test_bulk_submit_rejects_a_bad_item_before_sending(redis_client, queue):
     with pytest.raises(ItemArgumentsError, match="item 2500: .* takes 2 positional"):
         calc.batch_add.starmap_items([(1, 2)] * 2500 + [(1, 2, 3)], queue=queue)
     assert redis_client.llen(queue) == 0
+
+
+PIPELINED = "tests.apps.pipelined"
+
+
+@pytest.mark.parametrize("serializer", ["json", "msgpack"])
+def test_next_call_runs_while_results_are_stored(redis_client, queue, start_worker, serializer):
+    """Pipelining: with -c 1, the function's next call starts while the previous batch's
+    results are still being stored (the store takes 0.15 s, a call 0.1 s), and every item gets
+    its own 384-float vector back -- from a NumPy array, through json or msgpack."""
+    from .apps import pipelined
+
+    start_worker(PIPELINED, queues=queue, pool="prefork", concurrency=1,
+                 env={"TEST_RESULT_SERIALIZER": serializer})
+    from celery import Celery
+
+    from celery_batched.submit import ItemResults
+
+    sent = pipelined.vectors.map_items(range(96), queue=queue)
+    client = Celery("client", backend=REDIS_URL)  # reads results as the worker writes them
+    client.conf.update(result_serializer=serializer, result_accept_content=["json", "msgpack"])
+    values = ItemResults(sent, client).get(timeout=60)
+    assert [len(v) for v in values] == [384] * 96
+    assert [v[0] for v in values] == list(range(96)) and all(v[0] == v[-1] for v in values)
+    calls = [json.loads(x) for x in redis_client.lrange("pipeline:calls", 0, -1)]
+    stores = [json.loads(x) for x in redis_client.lrange("pipeline:stores", 0, -1)]
+    assert sum(n for _, _, n in calls) == 96
+    overlapping = sum(1 for c_start, c_end, _ in calls
+                      if any(s_start < c_end and c_start < s_end for s_start, s_end in stores))
+    assert overlapping >= len(calls) // 2, (
+        f"only {overlapping} of {len(calls)} calls ran while results were being stored")
+
+
+def test_tensors_and_numpy_values_come_back_as_plain_lists(redis_client, queue, start_worker):
+    from .apps import pipelined
+
+    start_worker(PIPELINED, queues=queue)
+    assert pipelined.tensor_rows.map_items([1, 2, 3], queue=queue).get(timeout=30) == [
+        [0.5] * 4, [1.0] * 4, [1.5] * 4]
+    assert pipelined.numpy_list.map_items([0, 1, 2], queue=queue).get(timeout=30) == [
+        [0, 1, 2], 1.0, [2, 3, 4]]
