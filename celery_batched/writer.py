@@ -20,7 +20,7 @@ from typing import Any
 from . import _celery_internals as celery_internals
 from . import _redis_results
 from ._wire import STORE, BatchReply
-from .encoding import MetaEncoder, as_python_rows, bounded_repr
+from .encoding import MetaEncoder, bounded_repr, plain
 from .errors import ItemResultEncodeError
 
 logger = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ class ResultWriter:
         backend = task.backend  # this thread's own backend instance (Celery's are thread-local)
         index = [i for i, code in enumerate(reply.codes) if code == STORE]
         items = [batch.items[i] for i in index]
-        values = as_python_rows(reply.values)
+        values = reply.values
         encoder = self._encoders.get(id(backend))
         if encoder is None:
             encoder = self._encoders[id(backend)] = MetaEncoder(backend)
@@ -106,7 +106,8 @@ class ResultWriter:
                                "%s); storing its results one by one", batch.id,
                                type(exc).__name__, exc)
                 for k in keep:
-                    written[k] = self._store_one(task, items[k], values[k], reply.extras.get(index[k]))
+                    written[k] = self._store_one(task, items[k], plain(values[k]),
+                                                 reply.extras.get(index[k]))
                 return written
             logger.error("celery_batched: batch %s of %s: the results of %d item(s) could not be "
                          "stored (%s: %s); they go back to the broker and run again",
@@ -116,7 +117,7 @@ class ResultWriter:
         if batch.want_repr:
             maxsize = task.resultrepr_maxsize
             for k in keep:
-                written[k] = ("stored", bounded_repr(values[k], maxsize))
+                written[k] = ("stored", bounded_repr(plain(values[k]), maxsize))
         for k, cause in bad.items():
             written[k] = self._fail_unencodable(task, items[k], reply.extras.get(index[k]), cause)
         return written

@@ -365,6 +365,7 @@ def test_next_call_runs_while_results_are_stored(redis_client, queue, start_work
 
 
 def test_tensors_and_numpy_values_come_back_as_plain_lists(redis_client, queue, start_worker):
+    pytest.importorskip("torch")
     from .apps import pipelined
 
     start_worker(PIPELINED, queues=queue)

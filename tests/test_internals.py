@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
-import importlib.util
+import importlib
 import json
 import textwrap
 import time
@@ -89,9 +89,10 @@ MIRRORED = [
 
 
 def _source_hash(package: str, rel: str, qualname: str) -> str | None:
-    spec = importlib.util.find_spec(package)
-    assert spec is not None and spec.submodule_search_locations
-    root = Path(next(iter(spec.submodule_search_locations))).parent
+    # kombu < 5.7 replaces its package module with a lazy one that has no __spec__: locate the
+    # file through the submodule itself.
+    module = importlib.import_module(rel[:-len(".py")].replace("/", "."))
+    root = Path(module.__file__).parents[rel.count("/")]
     source = (root / rel).read_text()
     node: ast.AST = ast.parse(source)
     for part in qualname.split("."):
