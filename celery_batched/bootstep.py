@@ -20,8 +20,8 @@ from celery import bootsteps
 from celery.utils.log import get_logger
 from celery.worker.control import Panel, control_command, inspect_command
 
-from . import _celery_internals as celery_internals
-from ._kombu_redis import install_bulk_fetch
+from ._internals import worker
+from ._internals.kombu_redis import install_bulk_fetch
 from .buffer import BatchBuffer
 from .completion import Completion
 from .consumer_thread import ConsumerThread
@@ -102,7 +102,7 @@ class BatchingStep(bootsteps.StartStopStep):
         same rule for everything but batching's own items, and batching's: fetch while a pool
         process is free."""
         kombu_rule = type(channel_qos).can_consume
-        reserved = celery_internals.reserved_requests
+        reserved = worker.reserved_requests
         controller = self.consumer.controller
 
         def can_consume() -> bool:
@@ -136,7 +136,7 @@ class BatchingStep(bootsteps.StartStopStep):
             batch = buffer.take_all()
             for item in batch:
                 item.reject(requeue=True)
-                celery_internals.task_ready(item)
+                worker.task_ready(item)
             buffer.credit.release(len(batch))
             handed_back += len(batch)
         self.buffers = {}

@@ -15,8 +15,8 @@ from typing import Any
 
 from celery.utils.log import get_logger
 
-from . import _celery_internals as celery_internals
-from ._kombu_redis import ack_many
+from ._internals import worker
+from ._internals.kombu_redis import ack_many
 from ._wire import DONE, FAILED, RETRIED, STORE, UNSTORED, BatchReply
 from .writer import Written
 
@@ -31,14 +31,14 @@ class Completion:
         self._ack = ack  # ConsumerThread.call_ack
 
     def _events_on(self, task: Any) -> bool:
-        return celery_internals.task_events_on(self.consumer.event_dispatcher, task)
+        return worker.task_events_on(self.consumer.event_dispatcher, task)
 
     def accepted(self, batch: Any, pid: int, time_accepted: float) -> None:
         """The pool started the batch: ``task-started`` per item, early acks."""
         items = batch.items
         for item in items:
             item.on_accepted(pid, time_accepted)
-        celery_internals.task_accepted_many(items, batch.task.name)
+        worker.task_accepted_many(items, batch.task.name)
         if not batch.task.acks_late:
             self._ack(ack_many, [it.message for it in items], items[0].source.connection_errors)
         if self._events_on(batch.task):
@@ -66,16 +66,16 @@ class Completion:
                     send("task-succeeded", uuid=item.id, result=extra, runtime=reply.runtime)
             elif code in (FAILED, RETRIED):
                 _guard(item.request().on_success, (1, extra, reply.runtime))
-                celery_internals.task_ready(item)
+                worker.task_ready(item)
             elif code == UNSTORED:
                 handed_back += 1
                 self._ack(_guard, item.reject, True)
-                celery_internals.task_ready(item)
+                worker.task_ready(item)
         if done:
             if acks_late:
                 self._ack(ack_many, [it.message for it in done], done[0].source.connection_errors)
-                celery_internals.restore_prefetch_after_acks(self.consumer, len(done))
-            celery_internals.task_ready_many(done)
+                worker.restore_prefetch_after_acks(self.consumer, len(done))
+            worker.task_ready_many(done)
         if handed_back:
             logger.warning("celery_batched: batch %s of %s: %d item(s) handed back to the broker: "
                            "their outcome could not be stored", batch.id, task.name, handed_back)
@@ -86,7 +86,7 @@ class Completion:
         """The pool lost the job (worker lost, terminated, hard time limit): Celery's handling."""
         for item in batch.items:
             _guard(item.request().on_failure, exc_info)
-            celery_internals.task_ready(item)
+            worker.task_ready(item)
         logger.error("celery_batched: batch %s of %d %s failed in the pool: %r", batch.id,
                      len(batch.items), batch.task.name, getattr(exc_info, "exception", exc_info))
         batch.credit.release(len(batch.items))
@@ -98,7 +98,7 @@ class Completion:
             return
         for item in batch.items:
             _guard(item.request().on_timeout, soft, timeout)
-            celery_internals.task_ready(item)
+            worker.task_ready(item)
 
     def _log(self, batch: Any, reply: BatchReply, succeeded: int) -> None:
         if logger.isEnabledFor(logging.INFO):

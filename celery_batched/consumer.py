@@ -27,7 +27,7 @@ from celery.worker.strategy import hybrid_to_proto2, proto1_to_proto2
 from kombu.asynchronous.timer import to_timestamp
 from kombu.exceptions import ContentDisallowed, DecodeError
 
-from . import _celery_internals as celery_internals
+from ._internals import worker
 from .errors import BatchingNotInstalledError
 from .items import Item, ItemSource
 
@@ -38,7 +38,7 @@ def batching_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Any:
     """Build the message handler for one batched task (called by ``Task.start_strategy``).
 
     The handler takes Celery's arguments; its ``receive_direct`` attribute takes a bare kombu
-    message, for the Redis bulk fetch (``_kombu_redis``), and does what Celery's
+    message, for the Redis bulk fetch (``_internals.kombu_redis``), and does what Celery's
     ``Consumer.on_task_received`` does around a strategy.
     """
     batching = getattr(consumer, "batching", None)
@@ -53,15 +53,15 @@ def batching_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Any:
     Req = create_request_cls(symbol_by_name(task.Request), task, consumer.pool, hostname,
                              consumer.event_dispatcher, app=app)
     revoked_tasks = worker_state.revoked
-    accept = celery_internals.accepted_content_types(app)
-    kombu_accept = app.conf.accept_content and celery_internals.accepted_content_types(app)
+    accept = worker.accepted_content_types(app)
+    kombu_accept = app.conf.accept_content and worker.accepted_content_types(app)
     utc = app.uses_utc_timezone()
     task_scheduled = getattr(worker_state, "task_scheduled", None)  # Celery >= 5.6
     buffer_for = batching.buffer_for
     on_task_message = consumer.on_task_message
 
     def build_request(item: Item, body: Any = None, headers: Any = None, decoded: bool = False) -> Any:
-        on_ack, on_reject = celery_internals.ack_promises(consumer, item.message)
+        on_ack, on_reject = worker.ack_promises(consumer, item.message)
         return Req(item.message, on_ack=on_ack, on_reject=on_reject, app=app, hostname=hostname,
                    eventer=consumer.event_dispatcher, task=task,
                    connection_errors=connection_errors, body=body or item.message.body,
@@ -70,12 +70,12 @@ def batching_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Any:
     source = ItemSource(task, build_request, connection_errors)
 
     def enter_buffer(item: Item) -> None:
-        celery_internals.task_reserved(item)
+        worker.task_reserved(item)
         buffer_for(task).put(item)
 
     def eta_due(item: Item) -> None:
         consumer.qos.decrement_eventually()
-        celery_internals.task_ready(item.request())  # leaves the scheduled set
+        worker.task_ready(item.request())  # leaves the scheduled set
         enter_buffer(item)
 
     def handle(message: Any, body: Any, callbacks: Any) -> None:
@@ -105,9 +105,9 @@ def batching_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Any:
 
         if signals.task_received.receivers:
             signals.task_received.send(sender=consumer, request=item.request())
-        if celery_internals.task_events_on(consumer.event_dispatcher, task):
+        if worker.task_events_on(consumer.event_dispatcher, task):
             consumer.event_dispatcher.send("task-received", uuid=item.id,
-                                           **celery_internals.received_event_fields(headers))
+                                           **worker.received_event_fields(headers))
         if headers.get("eta"):
             schedule_eta(item)
             return

@@ -16,7 +16,7 @@ from typing import Any
 
 from celery.utils.log import get_logger
 
-from . import _celery_internals as celery_internals
+from ._internals import worker
 from ._wire import STORE, BatchReply
 from .completion import Completion
 from .consumer_thread import ConsumerThread
@@ -77,7 +77,7 @@ class BatchDispatcher:
             return
         task = live[0].task
         batch = Batch(task, live, credit, reason,
-                      celery_internals.task_events_on(self.consumer.event_dispatcher, task))
+                      worker.task_events_on(self.consumer.event_dispatcher, task))
         self.in_flight += 1
         self.on_batch(batch)
         call = self.thread.call
@@ -98,7 +98,7 @@ class BatchDispatcher:
                              "handing its messages back to the broker", task.name, len(live))
             for it in live:
                 it.reject(requeue=True)
-                celery_internals.task_ready(it)
+                worker.task_ready(it)
             credit.release(len(live))
             self.in_flight -= 1
 

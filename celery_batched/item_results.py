@@ -24,7 +24,7 @@ from typing import Any
 from celery import signals, states
 from celery.exceptions import Retry
 
-from . import _celery_internals as celery_internals
+from ._internals import trace, worker
 from ._types import BatchedTaskLike
 from ._wire import DONE, FAILED, RETRIED, STORE, UNSTORED, BatchReply, WireItem
 from .encoding import bounded_repr
@@ -57,12 +57,12 @@ class ItemOutcomes:
         task = self.task
         accept = _accept_cache.get(id(task.app))
         if accept is None:
-            accept = _accept_cache[id(task.app)] = celery_internals.accepted_content_types(task.app)
+            accept = _accept_cache[id(task.app)] = worker.accepted_content_types(task.app)
         bind = task._batch_spec.bind_item
         rows = []
         for i, (headers, body, content_type, content_encoding, _) in enumerate(self.items):
             try:
-                args, kwargs, embed = self.decoded[i] = celery_internals.decode_body(
+                args, kwargs, embed = self.decoded[i] = trace.decode_body(
                     body, content_type, content_encoding, accept)
             except Exception as exc:
                 self.errors[i] = ItemDecodeError(
@@ -85,7 +85,7 @@ class ItemOutcomes:
         if ctx is None:
             headers, _, _, _, delivery = self.items[i]
             args, kwargs, embed = self.decoded[i] or ((), {}, None)
-            ctx = self._contexts[i] = celery_internals.make_context(
+            ctx = self._contexts[i] = trace.make_context(
                 headers, args, kwargs, embed, delivery, self.hostname)
         return ctx
 
@@ -96,12 +96,12 @@ class ItemOutcomes:
         if task.track_started:
             import os
             started = {"pid": os.getpid(), "hostname": self.hostname}
-            celery_internals.store_results(
+            trace.store_results(
                 task, [(self.items[i][0]["id"], started, self.context(i)) for i in live
-                       if not celery_internals.ignores_result(task, self.items[i][0])],
+                       if not trace.ignores_result(task, self.items[i][0])],
                 states.STARTED, on_error=lambda k, exc: None)
         if signals.task_prerun.receivers:
-            celery_internals.announce_prerun(task, [self.context(i) for i in live])
+            trace.announce_prerun(task, [self.context(i) for i in live])
 
     def set_returned(self, values: Any, positions: list[int]) -> None:
         self.returned, self.positions = values, positions
@@ -128,12 +128,12 @@ class ItemOutcomes:
             headers = self.items[i][0]
             embed = self._embed(i)
             stores = (parent_stores and not embed.get("chord")
-                      and not celery_internals.ignores_result(task, headers))
+                      and not trace.ignores_result(task, headers))
             if is_array and (not stores or embed.get("callbacks") or embed.get("chain")):
                 value = value.tolist()
             if embed.get("callbacks") or embed.get("chain"):
                 try:
-                    celery_internals.dispatch_callbacks_and_chain(task, value, self.context(i))
+                    trace.dispatch_callbacks_and_chain(task, value, self.context(i))
                 except Exception as exc:
                     failures.append((i, exc))
                     continue
@@ -158,18 +158,18 @@ class ItemOutcomes:
         """Successes the pool records itself: store (bulk), then the success hooks."""
         task = self.task
         to_store = [(i, v) for i, v in done
-                    if not celery_internals.ignores_result(task, self.items[i][0])]
+                    if not trace.ignores_result(task, self.items[i][0])]
         unencodable: dict[int, BaseException] = {}
         try:
             for i, v in to_store:
                 if self._embed(i).get("chord"):  # mark_as_done runs the chord's part-return logic
                     task.backend.mark_as_done(self.items[i][0]["id"], v, request=self.context(i))
             plain = [(i, v) for i, v in to_store if not self._embed(i).get("chord")]
-            celery_internals.store_results(
+            trace.store_results(
                 task, [(self.items[i][0]["id"], v, self.context(i)) for i, v in plain],
                 states.SUCCESS, lambda k, exc: unencodable.__setitem__(plain[k][0], exc))
         except Exception as exc:
-            if not celery_internals.is_outage(exc, task.backend):
+            if not trace.is_outage(exc, task.backend):
                 raise
             logger.error("celery_batched: %s: results of %d item(s) could not be stored (%s: %s);"
                          " they go back to the broker", task.name, len(to_store),
@@ -177,7 +177,7 @@ class ItemOutcomes:
             for i, _ in to_store:
                 codes[i], extras[i] = UNSTORED, f"{type(exc).__name__}: {exc}"
             done = [(i, v) for i, v in done if codes[i] != UNSTORED]
-        hooks = celery_internals.has_success_hooks(task)
+        hooks = trace.has_success_hooks(task)
         for i, value in done:
             if i in unencodable:
                 cause = unencodable[i]
@@ -191,7 +191,7 @@ class ItemOutcomes:
                 extras[i] = bounded_repr(value, task.resultrepr_maxsize)
             if hooks:
                 try:
-                    celery_internals.run_success_hooks(task, self.context(i), value, runtime)
+                    trace.run_success_hooks(task, self.context(i), value, runtime)
                 except Exception:
                     logger.exception("%s[%s]: a success hook raised", task.name, self.items[i][0]["id"])
 
@@ -210,42 +210,42 @@ class ItemOutcomes:
             task.request_stack.push(ctx)
             try:
                 if isinstance(outcome, RetryItem):
-                    exc = celery_internals.request_retry(task, outcome.exc, outcome.retry_kwargs())
+                    exc = trace.request_retry(task, outcome.exc, outcome.retry_kwargs())
                 elif isinstance(outcome, Retry):
                     exc = outcome
                 else:
-                    exc = celery_internals.autoretry(task, outcome)
+                    exc = trace.autoretry(task, outcome)
                 if isinstance(exc, Retry):
-                    extras[i] = celery_internals.record_retry(task, ctx, exc)
+                    extras[i] = trace.record_retry(task, ctx, exc)
                     codes[i] = RETRIED
                     retried += 1
                     continue
                 einfo = infos.get(id(exc))
                 if einfo is None:
-                    einfo = infos[id(exc)] = celery_internals.exception_info(exc)
+                    einfo = infos[id(exc)] = trace.exception_info(exc)
                 try:
                     task.backend.mark_as_failure(
-                        ctx.id, celery_internals.raw_exception(einfo), einfo.traceback, request=ctx,
-                        store_result=celery_internals.store_errors_for(task, ctx),
+                        ctx.id, trace.raw_exception(einfo), einfo.traceback, request=ctx,
+                        store_result=trace.store_errors_for(task, ctx),
                         call_errbacks=True)
                 except Exception as store_exc:
-                    if celery_internals.is_outage(store_exc, task.backend):
+                    if trace.is_outage(store_exc, task.backend):
                         codes[i], extras[i] = UNSTORED, f"{type(store_exc).__name__}: {store_exc}"
                         continue
                     logger.exception("celery_batched: %s[%s]: storing its failure raised",
                                      task.name, ctx.id)
-                celery_internals.failure_hooks(task, ctx, einfo)
+                trace.failure_hooks(task, ctx, einfo)
                 codes[i], extras[i] = FAILED, einfo
                 failed[f"{type(exc).__name__}: {exc}"] += 1
                 if exc.__traceback__ is not None:
                     raised = exc
             except Exception as exc:  # sending the retry or recording it failed
-                if celery_internals.is_outage(exc, task.backend):
+                if trace.is_outage(exc, task.backend):
                     codes[i], extras[i] = UNSTORED, f"{type(exc).__name__}: {exc}"
                 else:  # a bug, not an outage: fail the item rather than requeue it forever
                     logger.exception("celery_batched: %s[%s]: recording its outcome raised",
                                      task.name, ctx.id)
-                    codes[i], extras[i] = FAILED, celery_internals.exception_info(exc)
+                    codes[i], extras[i] = FAILED, trace.exception_info(exc)
             finally:
                 task.request_stack.pop()
         self._log(failed, retried, raised)
@@ -273,6 +273,6 @@ class ItemOutcomes:
 
 
 def _parent_can_store(task: BatchedTaskLike) -> bool:
-    from . import _redis_results
+    from ._internals import redis_results
 
-    return (_redis_results.can_store(task.backend) and not celery_internals.has_success_hooks(task))
+    return (redis_results.can_store(task.backend) and not trace.has_success_hooks(task))

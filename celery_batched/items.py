@@ -17,7 +17,7 @@ from typing import Any
 from celery.utils.log import get_logger
 from celery.worker.state import revoked as revoked_tasks
 
-from . import _celery_internals as celery_internals
+from ._internals import worker
 from ._wire import WireItem
 
 logger = get_logger(__name__)
@@ -85,16 +85,16 @@ class Item:
         if req is not None and req._decoded:  # built from a legacy message: decoded already
             body, content_type, content_encoding = req._payload, None, None
         return (self.headers, body, content_type, content_encoding,
-                celery_internals.delivery_details(message))
+                worker.delivery_details(message))
 
     def revoked(self) -> bool:
         """Whether this item was revoked or has expired; if so it is marked REVOKED and acked
         (``Request.revoked``). Cheap unless there is something to check."""
         headers = self.headers
         if (self.id in revoked_tasks or headers.get("expires")
-                or (headers.get("stamped_headers") and celery_internals.revoked_stamps())):
+                or (headers.get("stamped_headers") and worker.revoked_stamps())):
             if self.request().revoked():
-                celery_internals.task_ready(self)
+                worker.task_ready(self)
                 return True
         return False
 
@@ -125,7 +125,7 @@ class Item:
         if self.time_start:
             req = self.request()
             req.terminate(pool, signal)
-            celery_internals.task_ready(self)
+            worker.task_ready(self)
         else:
             self._terminate_on_accept = (pool, signal)
 
@@ -133,7 +133,7 @@ class Item:
         """Mirrors ``Request.cancel`` (cancel long-running tasks on connection loss)."""
         if self.time_start:
             self.request().cancel(pool, signal, emit_retry=emit_retry)
-            celery_internals.task_ready(self)
+            worker.task_ready(self)
 
     def humaninfo(self) -> str:
         return f"{self.name}[{self.id}]"

@@ -5,12 +5,12 @@ routing, queue declaration and result subscription. Here every item is checked f
 is resolved and the queue declared once, one message is built with Celery's own
 ``amqp.as_task_v2`` and every other message differs from it only in its ids, argument reprs and
 body. On Redis they are spliced from that template and written in LPUSH pipelines of 1,000
-(``_kombu_redis.RedisBulkPublisher``), each ``task-sent`` event (``task_send_sent_event``) in the
+(``_internals.kombu_redis.RedisBulkPublisher``), each ``task-sent`` event (``task_send_sent_event``) in the
 same pipeline; elsewhere they go through kombu's producer one by one. Every item still gets its
 own task id and ``AsyncResult``.
 
 Collecting: ``ItemResults.get()`` reads finished results with ``MGET`` in chunks and decodes
-them directly (``_redis_results.read``), instead of subscribing to one channel per result.
+them directly (``redis_results.read``), instead of subscribing to one channel per result.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from celery.result import AsyncResult, ResultSet
 from celery.utils.nodenames import anon_nodename
 from celery.utils.saferepr import saferepr
 
-from . import _redis_results
-from ._celery_internals import LazyAsyncResult, prepare_event
-from ._kombu_redis import RedisBulkPublisher
+from ._internals import redis_results
+from ._internals.client import LazyAsyncResult, prepare_event
+from ._internals.kombu_redis import RedisBulkPublisher
 from ._types import BatchedTaskLike
 from .errors import ItemArgumentsError
 
@@ -56,7 +56,7 @@ class ItemResults(list[AsyncResult]):
         while nothing finishes).
         """
         backend = self.app.backend
-        if not _redis_results.can_read(backend):
+        if not redis_results.can_read(backend):
             return ResultSet(list(self), app=self.app).get(
                 timeout=timeout, propagate=propagate, interval=interval,
                 disable_sync_subtasks=disable_sync_subtasks, **kwargs)
@@ -86,7 +86,7 @@ def _wait_for_metas(backend: Any, ids: list[str], timeout: float | None,
     deadline = None if timeout is None else time.monotonic() + timeout
     sleep = interval
     while True:
-        found = _redis_results.read(backend, [ids[i] for i in pending])
+        found = redis_results.read(backend, [ids[i] for i in pending])
         still = []
         for i, meta in zip(pending, found):
             if meta is not None and meta["status"] in states.READY_STATES:

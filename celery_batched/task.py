@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 
 from celery import Celery, Task
 
-from ._celery_internals import autoretry
+from ._internals.trace import autoretry
 from .bootstep import BatchingStep
 from .encoding import plain
 from .execution import call_batch

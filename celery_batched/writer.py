@@ -2,7 +2,7 @@
 
 The pool returns a batch's successful values (``STORE`` items) as soon as the function returns,
 and is free for the next batch; this thread encodes the batch's metas at once (``encoding.py``)
-and stores them in one round trip (``_redis_results.py``), then hands the batch to the consumer's
+and stores them in one round trip (``redis_results.py``), then hands the batch to the consumer's
 thread for the acknowledgements (``completion.py``). Acks only ever follow a stored result:
 an item whose result could not be stored -- the backend stayed unreachable past its retry
 policy -- is handed back to the broker (``UNSTORED``) and runs again later.
@@ -17,8 +17,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from . import _celery_internals as celery_internals
-from . import _redis_results
+from ._internals import trace
+from ._internals import redis_results
 from ._wire import STORE, BatchReply
 from .encoding import MetaEncoder, bounded_repr, plain
 from .errors import ItemResultEncodeError
@@ -98,9 +98,9 @@ class ResultWriter:
         keep = [k for k in range(len(items)) if k not in bad]
         written: Written = [("stored", None)] * len(items)
         try:
-            _redis_results.store(backend, [items[k].id for k in keep], [metas[k] for k in keep])
+            redis_results.store(backend, [items[k].id for k in keep], [metas[k] for k in keep])
         except Exception as exc:
-            if not celery_internals.is_outage(exc, backend):
+            if not trace.is_outage(exc, backend):
                 # The script itself was refused (EVAL disabled, ...): Celery's own path, per item.
                 logger.warning("celery_batched: storing batch %s in one script call failed (%s: "
                                "%s); storing its results one by one", batch.id,
@@ -123,11 +123,11 @@ class ResultWriter:
         return written
 
     def _store_one(self, task: Any, item: Any, value: Any, embed: Any) -> tuple[str, Any]:
-        ctx = celery_internals.make_context(item.headers, (), {}, embed, (None,) * 6, None)
+        ctx = trace.make_context(item.headers, (), {}, embed, (None,) * 6, None)
         try:
             task.backend.store_result(item.id, value, "SUCCESS", request=ctx)
         except Exception as exc:
-            if celery_internals.is_outage(exc, task.backend):
+            if trace.is_outage(exc, task.backend):
                 return ("unstored", f"{type(exc).__name__}: {exc}")
             return self._fail_unencodable(task, item, embed, exc)
         return ("stored", None)
@@ -138,12 +138,12 @@ class ResultWriter:
             f"{task.name}: the result for this item could not be stored: "
             f"{type(cause).__name__}: {cause}. Return a value the result serializer "
             f"({task.backend.serializer}) can encode.")
-        einfo = celery_internals.exception_info(exc)
-        ctx = celery_internals.make_context(item.headers, (), {}, embed, (None,) * 6, None)
+        einfo = trace.exception_info(exc)
+        ctx = trace.make_context(item.headers, (), {}, embed, (None,) * 6, None)
         try:
             task.backend.mark_as_failure(item.id, exc, einfo.traceback, request=ctx,
                                          call_errbacks=True)
         except Exception as store_exc:
             return ("unstored", f"{type(store_exc).__name__}: {store_exc}")
-        celery_internals.failure_hooks(task, ctx, einfo)
+        trace.failure_hooks(task, ctx, einfo)
         return ("failed", einfo)

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from queue import Empty  # what kombu's Redis _brpop_read raises for an empty reply
 from typing import Any
 
-from .errors import BulkPublishError
+from ..errors import BulkPublishError
 
 logger = logging.getLogger(__name__)
 

@@ -1,9 +1,5 @@
-"""Where celery_batched reaches into Celery's internals (with ``_kombu_redis`` and
-``_redis_results``, the only such modules).
-
-Each function names the Celery function it mirrors; ``tests/test_internals.py`` pins every one of
-them to the Celery releases CI runs, and fails naming the function when a release changes it.
-"""
+"""Pool side: what a batch's process mirrors of Celery's tracer (``celery.app.trace``), its
+autoretry wrapper and its result backends, per item of a batch (Celery 5.5-5.7)."""
 
 from __future__ import annotations
 
@@ -18,18 +14,13 @@ from billiard.einfo import ExceptionInfo, ExceptionWithTraceback
 from celery import group, signals, signature, states
 from celery.app.task import Context
 from celery.backends.base import BaseKeyValueStoreBackend
-from celery.app import app_or_default
 from celery.exceptions import BackendStoreError, InvalidTaskError, Retry
-from celery.result import AsyncResult
 from celery.utils.serialization import get_pickleable_etype, get_pickleable_exception
 from celery.utils.time import get_exponential_backoff_interval
-from celery.worker import state as worker_state
 from kombu.exceptions import EncodeError
 from kombu.serialization import loads as kombu_loads
-from kombu.serialization import prepare_accept_content
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import object_hook
-from vine import promise
 
 _HOSTNAME = socket.gethostname()
 
@@ -37,129 +28,6 @@ try:  # redis is a declared dependency, but any Celery backend must work without
     from celery.backends.redis import RedisBackend
 except ImportError:  # pragma: no cover
     RedisBackend = None
-
-# ----------------------------------------------------------------------------------------------
-# Consumer side
-# ----------------------------------------------------------------------------------------------
-
-
-def accepted_content_types(app: Any) -> frozenset[str]:
-    """The MIME types the worker accepts (``accept_content``), as kombu checks them on decode.
-
-    Mirrors ``kombu.serialization.prepare_accept_content`` plus the trusted types that
-    ``SerializerRegistry.loads`` lets through.
-    """
-    from kombu.serialization import TRUSTED_CONTENT
-
-    return frozenset(prepare_accept_content(app.conf.accept_content) or ()) | TRUSTED_CONTENT
-
-
-def task_events_on(eventer: Any, task: Any) -> bool:
-    """Whether a per-task event would be sent now (``-E``, or ``control enable_events``).
-
-    Mirrors ``Request.send_event`` + ``EventDispatcher.send``: heartbeats keep the dispatcher
-    enabled without ``-E``, with its groups limited to ``worker``.
-    """
-    if not (eventer and eventer.enabled and task.send_events):
-        return False
-    groups = eventer.groups
-    return not groups or "task" in groups
-
-
-def received_event_fields(headers: dict[str, Any]) -> dict[str, Any]:
-    """The ``task-received`` event's fields. Mirrors ``celery.worker.strategy.default``."""
-    return {"name": headers.get("shadow") or headers["task"], "args": headers.get("argsrepr", ""),
-            "kwargs": headers.get("kwargsrepr", ""), "root_id": headers.get("root_id"),
-            "parent_id": headers.get("parent_id"), "retries": headers.get("retries", 0),
-            "eta": headers.get("eta"), "expires": headers.get("expires")}
-
-
-#: Mirror ``celery.worker.state.task_reserved`` / ``task_ready`` (Celery 5.5-5.7).
-task_reserved = worker_state.task_reserved
-task_ready = worker_state.task_ready
-
-
-def reserved_requests() -> Any:
-    """The worker's reserved requests (``celery.worker.state.reserved_requests``)."""
-    return worker_state.reserved_requests
-
-
-def revoked_stamps() -> dict[str, Any]:
-    """Stamped-header revocations (``revoke_by_stamped_headers``) this worker knows of."""
-    return getattr(worker_state, "revoked_stamps", None) or {}
-
-
-def task_ready_many(items: Sequence[Any]) -> None:
-    """``celery.worker.state.task_ready`` for items that succeeded and are acknowledged.
-
-    Skips ``successful_requests``: it only keeps ``cancel_active_requests`` from cancelling a
-    task that succeeded but isn't acknowledged yet, and these are acknowledged already.
-    """
-    pop = worker_state.requests.pop
-    sets = [worker_state.active_requests, worker_state.reserved_requests]
-    scheduled = getattr(worker_state, "scheduled_requests", None)
-    if scheduled is not None:
-        sets.append(scheduled)
-    for item in items:
-        pop(item.id, None)
-    for s in sets:
-        for item in items:
-            s.discard(item)
-
-
-def task_accepted_many(items: Sequence[Any], name: str) -> None:
-    """``celery.worker.state.task_accepted`` for a whole batch, with one counter update."""
-    add_request, add_active = worker_state.requests.__setitem__, worker_state.active_requests.add
-    for item in items:
-        add_request(item.id, item)
-        add_active(item)
-    worker_state.total_count[name] += len(items)
-    worker_state.all_total_count[0] += len(items)
-
-
-def ack_promises(consumer: Any, message: Any) -> tuple[Any, Any]:
-    """The ack and reject callbacks a ``Request`` is built with.
-
-    Mirrors ``celery.worker.consumer.Consumer.create_task_handler``'s ``on_task_received``
-    (Celery 5.5-5.7: ``call_soon_ack`` where it exists, and the prefetch restoration after a
-    reconnect), built only for the items that get a ``Request``.
-    """
-    call_soon = getattr(consumer, "call_soon_ack", None) or consumer.call_soon
-    restore = getattr(consumer, "_restore_prefetch_count_after_connection_restart", None)
-    ack = promise(call_soon, (message.ack_log_error,), on_error=restore)
-    reject = promise(call_soon, (message.reject_log_error,), on_error=restore)
-    if restore is not None and _prefetch_reduced(consumer):
-        ack.then(restore, on_error=restore)
-        reject.then(restore, on_error=restore)
-    return ack, reject
-
-
-def _prefetch_reduced(consumer: Any) -> bool:
-    return bool(not getattr(consumer, "_maximum_prefetch_restored", True)
-                and consumer.restart_count > 0
-                and consumer._new_prefetch_count <= consumer.max_prefetch_count)
-
-
-def restore_prefetch_after_acks(consumer: Any, acked: int) -> None:
-    """Celery raises its prefetch count back after a reconnect one ack at a time (through the
-    ack promises); batched items acked in bulk do the same. Mirrors the ``then`` above."""
-    restore = getattr(consumer, "_restore_prefetch_count_after_connection_restart", None)
-    while acked > 0 and restore is not None and _prefetch_reduced(consumer):
-        restore(None)
-        acked -= 1
-
-
-def delivery_details(message: Any) -> tuple[Any, ...]:
-    """What ``Request.__init__`` takes from a message besides headers and body (Celery 5.5-5.7)."""
-    info = message.delivery_info or {}
-    props = message.properties or {}
-    return (info.get("exchange"), info.get("routing_key"), props.get("priority"),
-            info.get("redelivered", False), props.get("reply_to"), props.get("correlation_id"))
-
-
-# ----------------------------------------------------------------------------------------------
-# Pool side
-# ----------------------------------------------------------------------------------------------
 
 _plain_decode = json.JSONDecoder().decode
 _hooked_decode = json.JSONDecoder(object_hook=object_hook).decode
@@ -177,7 +45,7 @@ def decode_body(body: Any, content_type: str | None, content_encoding: str | Non
         return body  # decoded in the consumer (ETA, legacy)
     if content_type == "application/json" and "application/json" in accept:
         text = bytes_to_str(body)
-        # kombu's hook only rewrites dicts marked "__type__" (see _kombu_redis._decode).
+        # kombu's hook only rewrites dicts marked "__type__" (see kombu_redis._decode).
         decoded = _hooked_decode(text) if '"__type__"' in text else _plain_decode(text)
     else:
         decoded = kombu_loads(body, content_type, content_encoding, accept=accept)
@@ -479,53 +347,3 @@ def announce_prerun(task: Any, contexts: Iterable[Context]) -> None:
                                      kwargs=ctx.kwargs)
         finally:
             task.request_stack.pop()
-
-
-class LazyAsyncResult(AsyncResult):
-    """An ``AsyncResult`` whose ``on_ready`` promise is made on first use.
-
-    ``AsyncResult.__init__`` builds a weak-method promise per result: a quarter of a bulk
-    submit's time, for results mostly collected with ``ItemResults.get``, which never uses it.
-    Mirrors ``celery.result.AsyncResult.__init__`` (Celery 5.5-5.7) otherwise.
-    """
-
-    def __init__(self, id: str, backend: Any = None, task_name: str | None = None,
-                 app: Any = None, parent: Any = None) -> None:
-        if id is None:
-            raise ValueError(f"AsyncResult requires valid id, not {type(id)}")
-        self.app = app_or_default(app or AsyncResult.__dict__.get("app"))
-        self.id = id
-        self.backend = backend or self.app.backend
-        self.parent = parent
-        self._cache = None
-        self._ignored = False
-
-    @property
-    def waited_on(self) -> bool:
-        """Whether anything made (and so may wait on) its ``on_ready`` promise."""
-        return "_lazy_on_ready" in self.__dict__
-
-    @property
-    def on_ready(self) -> Any:
-        ready = self.__dict__.get("_lazy_on_ready")
-        if ready is None:
-            ready = self.__dict__["_lazy_on_ready"] = promise(self._on_fulfilled, weak=True)
-        return ready
-
-    @on_ready.setter
-    def on_ready(self, value: Any) -> None:
-        self.__dict__["_lazy_on_ready"] = value
-
-
-def prepare_event(dispatcher: Any, type_: str, fields: dict[str, Any]) -> dict[str, Any]:
-    """One event as ``EventDispatcher.publish`` would send it: the clock forwarded, hostname,
-    utcoffset, pid, timestamp. Mirrors ``EventDispatcher._prepare_event`` (Celery 5.7; inlined
-    in ``EventDispatcher.publish`` before)."""
-    prepare = getattr(dispatcher, "_prepare_event", None)
-    if prepare is not None:
-        return prepare(type_, fields)
-    from celery.events.event import Event
-    from celery.utils.time import utcoffset
-
-    return Event(type_, hostname=dispatcher.hostname, utcoffset=utcoffset(), pid=dispatcher.pid,
-                 clock=dispatcher.clock.forward(), **fields)

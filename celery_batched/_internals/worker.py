@@ -1,0 +1,125 @@
+"""Consumer side: what the worker's main process mirrors of Celery's strategy, ``Request``
+and worker state (Celery 5.5-5.7), for items that are not Celery ``Request`` objects."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from celery.worker import state as worker_state
+from kombu.serialization import prepare_accept_content
+from vine import promise
+
+
+def accepted_content_types(app: Any) -> frozenset[str]:
+    """The MIME types the worker accepts (``accept_content``), as kombu checks them on decode.
+
+    Mirrors ``kombu.serialization.prepare_accept_content`` plus the trusted types that
+    ``SerializerRegistry.loads`` lets through.
+    """
+    from kombu.serialization import TRUSTED_CONTENT
+
+    return frozenset(prepare_accept_content(app.conf.accept_content) or ()) | TRUSTED_CONTENT
+
+
+def task_events_on(eventer: Any, task: Any) -> bool:
+    """Whether a per-task event would be sent now (``-E``, or ``control enable_events``).
+
+    Mirrors ``Request.send_event`` + ``EventDispatcher.send``: heartbeats keep the dispatcher
+    enabled without ``-E``, with its groups limited to ``worker``.
+    """
+    if not (eventer and eventer.enabled and task.send_events):
+        return False
+    groups = eventer.groups
+    return not groups or "task" in groups
+
+
+def received_event_fields(headers: dict[str, Any]) -> dict[str, Any]:
+    """The ``task-received`` event's fields. Mirrors ``celery.worker.strategy.default``."""
+    return {"name": headers.get("shadow") or headers["task"], "args": headers.get("argsrepr", ""),
+            "kwargs": headers.get("kwargsrepr", ""), "root_id": headers.get("root_id"),
+            "parent_id": headers.get("parent_id"), "retries": headers.get("retries", 0),
+            "eta": headers.get("eta"), "expires": headers.get("expires")}
+
+
+#: Mirror ``celery.worker.state.task_reserved`` / ``task_ready`` (Celery 5.5-5.7).
+task_reserved = worker_state.task_reserved
+task_ready = worker_state.task_ready
+
+
+def reserved_requests() -> Any:
+    """The worker's reserved requests (``celery.worker.state.reserved_requests``)."""
+    return worker_state.reserved_requests
+
+
+def revoked_stamps() -> dict[str, Any]:
+    """Stamped-header revocations (``revoke_by_stamped_headers``) this worker knows of."""
+    return getattr(worker_state, "revoked_stamps", None) or {}
+
+
+def task_ready_many(items: Sequence[Any]) -> None:
+    """``celery.worker.state.task_ready`` for items that succeeded and are acknowledged.
+
+    Skips ``successful_requests``: it only keeps ``cancel_active_requests`` from cancelling a
+    task that succeeded but isn't acknowledged yet, and these are acknowledged already.
+    """
+    pop = worker_state.requests.pop
+    sets = [worker_state.active_requests, worker_state.reserved_requests]
+    scheduled = getattr(worker_state, "scheduled_requests", None)
+    if scheduled is not None:
+        sets.append(scheduled)
+    for item in items:
+        pop(item.id, None)
+    for s in sets:
+        for item in items:
+            s.discard(item)
+
+
+def task_accepted_many(items: Sequence[Any], name: str) -> None:
+    """``celery.worker.state.task_accepted`` for a whole batch, with one counter update."""
+    add_request, add_active = worker_state.requests.__setitem__, worker_state.active_requests.add
+    for item in items:
+        add_request(item.id, item)
+        add_active(item)
+    worker_state.total_count[name] += len(items)
+    worker_state.all_total_count[0] += len(items)
+
+
+def ack_promises(consumer: Any, message: Any) -> tuple[Any, Any]:
+    """The ack and reject callbacks a ``Request`` is built with.
+
+    Mirrors ``celery.worker.consumer.Consumer.create_task_handler``'s ``on_task_received``
+    (Celery 5.5-5.7: ``call_soon_ack`` where it exists, and the prefetch restoration after a
+    reconnect), built only for the items that get a ``Request``.
+    """
+    call_soon = getattr(consumer, "call_soon_ack", None) or consumer.call_soon
+    restore = getattr(consumer, "_restore_prefetch_count_after_connection_restart", None)
+    ack = promise(call_soon, (message.ack_log_error,), on_error=restore)
+    reject = promise(call_soon, (message.reject_log_error,), on_error=restore)
+    if restore is not None and _prefetch_reduced(consumer):
+        ack.then(restore, on_error=restore)
+        reject.then(restore, on_error=restore)
+    return ack, reject
+
+
+def _prefetch_reduced(consumer: Any) -> bool:
+    return bool(not getattr(consumer, "_maximum_prefetch_restored", True)
+                and consumer.restart_count > 0
+                and consumer._new_prefetch_count <= consumer.max_prefetch_count)
+
+
+def restore_prefetch_after_acks(consumer: Any, acked: int) -> None:
+    """Celery raises its prefetch count back after a reconnect one ack at a time (through the
+    ack promises); batched items acked in bulk do the same. Mirrors the ``then`` above."""
+    restore = getattr(consumer, "_restore_prefetch_count_after_connection_restart", None)
+    while acked > 0 and restore is not None and _prefetch_reduced(consumer):
+        restore(None)
+        acked -= 1
+
+
+def delivery_details(message: Any) -> tuple[Any, ...]:
+    """What ``Request.__init__`` takes from a message besides headers and body (Celery 5.5-5.7)."""
+    info = message.delivery_info or {}
+    props = message.properties or {}
+    return (info.get("exchange"), info.get("routing_key"), props.get("priority"),
+            info.get("redelivered", False), props.get("reply_to"), props.get("correlation_id"))
