@@ -3,7 +3,10 @@
 ``CELERY_BROKER_URL`` and ``CELERY_RESULT_BACKEND`` (default: the local Redis, db 0) pick the
 broker and the result backend; ``CELERY_BROKER_TRANSPORT_OPTIONS`` (a JSON object) is passed to
 the transport -- the demo uses it for ``filesystem-atomic://``, kombu's filesystem transport with
-atomic writes (see ``fs_transport``). Celery itself also reads the
+atomic writes (see ``fs_transport``). ``EXAMPLE_RESULT_SERIALIZER`` (read at import) is the
+results' format: ``json`` (the default) or ``msgpack`` (smaller and faster to encode for vectors);
+set the same value for the workers and their clients, since a client decodes results with its own
+setting. Celery itself also reads the
 two URL variables whenever it opens a connection, so the environment always wins over
 ``app.conf``. :func:`config_from_env` can be applied again after changing the environment, as
 long as the app hasn't connected yet (the demo does this).
@@ -44,9 +47,9 @@ def config_from_env(environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
 app = Celery("example_project")
 app.conf.update(
     task_serializer="json",
-    result_serializer="json",
+    result_serializer=os.environ.get("EXAMPLE_RESULT_SERIALIZER") or "json",
     accept_content=["json"],
-    result_accept_content=["json"],
+    result_accept_content=["json", "msgpack"],
     task_routes={"example_project.*": {"queue": QUEUE}},
     broker_connection_retry_on_startup=True,
     result_expires=3600,

@@ -17,18 +17,20 @@ BACKEND_URL = os.environ.get("BENCH_BACKEND_URL") or BROKER_URL
 
 
 def configure(app: Any, **overrides: Any) -> None:
-    app.conf.update(
-        broker_url=BROKER_URL,
-        result_backend=BACKEND_URL,
-        task_serializer="json",
-        result_serializer="json",
-        accept_content=["json"],
-        result_accept_content=["json"],
-        broker_connection_retry_on_startup=True,
-        worker_hijack_root_logger=False,
-        result_expires=3600,
-        **overrides,
-    )
+    """The shared settings; ``overrides`` replace any of them (``result_serializer=...``)."""
+    settings: dict[str, Any] = {
+        "broker_url": BROKER_URL,
+        "result_backend": BACKEND_URL,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        "broker_connection_retry_on_startup": True,
+        "worker_hijack_root_logger": False,
+        "result_expires": 3600,
+    }
+    settings.update(overrides)
+    app.conf.update(settings)
     install_ready_marker()
 
 

@@ -35,3 +35,16 @@ def add_w50(xs: list[int], ys: list[int]) -> list[int]:
 
 
 LATENCY_TASKS = {0: add_w0, 5: add_w5, 50: add_w50}
+
+
+# Latency benchmark's reference: an ordinary task in the same worker (same consumer, same pool),
+# measured interleaved with the batched ones.
+@app.task(name="bench.batched.plain_add")
+def plain_add(x: int, y: int) -> int:
+    return x + y
+
+
+# Bulk benchmark: a one-parameter task for map_items (ItemResults.get() over many results).
+@app.task(name="bench.batched.inc", base=BatchedTask, max_batch_size=100, wait_ms=20)
+def inc(xs: list[int]) -> list[int]:
+    return [x + 1 for x in xs]
