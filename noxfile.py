@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import nox
 
-#: (celery, kombu) besides the newest, which `make test` covers.
-MATRIX = [("5.5.3", "5.5.4"), ("5.6.3", "5.6.2")]
+#: (celery, kombu) besides the newest, which `make test` covers. Celery 5.5 isn't claimed: it
+#: closes the broker connection before a warm shutdown's last acks (the running batch runs twice).
+MATRIX = [("5.6.3", "5.6.2")]
 #: A Redis db of the matrix's own: the main suite's is 11, the benchmarks' 13.
 REDIS = "redis://127.0.0.1:6379/4"
 

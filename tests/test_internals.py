@@ -1,7 +1,7 @@
 """Pins on the Celery and kombu internals celery_batched mirrors or reaches into.
 
 Each function celery_batched mirrors is listed with the hash of its source in every release CI
-runs (celery 5.5.3, 5.6.3, 5.7.0; kombu 5.5.4, 5.6.2, 5.7.0). A new release that changes one of
+runs (celery 5.6.3, 5.7.0; kombu 5.6.2, 5.7.0). A new release that changes one of
 them fails here, naming the function and the module of ours that mirrors it: read the diff, update
 the mirror if the behaviour changed, then add the new hash. The attributes we reach for are
 checked too, and the messages and results we encode ourselves are compared, decoded, with what
@@ -26,65 +26,65 @@ from .servers import RedisServer
 
 #: (file in the package, qualified name, known source hashes, may be absent, our mirror).
 MIRRORED = [
-    ("celery/worker/strategy.py", "default", ('3ce288f83ac588de', '4fdc80c88d40fcb6', '6baf864d983fbf35'), False, "consumer.py (batching_strategy)"),  # 5.5.3: 4fdc80c88d40fcb6; 5.6.3: 3ce288f83ac588de; 5.7.0: 6baf864d983fbf35
-    ("celery/worker/strategy.py", "hybrid_to_proto2", ('d19a0663d49ebafa',), False, "_internals.trace.decode_body"),  # 5.5.3,5.6.3,5.7.0: d19a0663d49ebafa
-    ("celery/worker/consumer/consumer.py", "Consumer.create_task_handler", ('0d187fd14146cf64', 'c5e923d322c5551f'), False, "consumer.py (receive_direct), _internals.worker.ack_promises"),  # 5.5.3,5.6.3: c5e923d322c5551f; 5.7.0: 0d187fd14146cf64
-    ("celery/worker/consumer/consumer.py", "Consumer.call_soon", ('67a8495bc3442f65', 'a7e5af8a7da8b30e'), False, "consumer_thread.py"),  # 5.5.3,5.6.3: 67a8495bc3442f65; 5.7.0: a7e5af8a7da8b30e
-    ("celery/worker/request.py", "Request.__init__", ('00728bc9b7c6a648', '34bb3eb421c6b04b'), False, "_internals.trace.make_context / delivery_details"),  # 5.5.3: 34bb3eb421c6b04b; 5.6.3,5.7.0: 00728bc9b7c6a648
-    ("celery/worker/request.py", "Request.on_accepted", ('2746e351b95ff5ad',), False, "completion.Completion.accepted"),  # 5.5.3,5.6.3,5.7.0: 2746e351b95ff5ad
-    ("celery/worker/request.py", "Request.on_success", ('e51c750de9394de8',), False, "completion.Completion.finished"),  # 5.5.3,5.6.3,5.7.0: e51c750de9394de8
-    ("celery/worker/request.py", "Request.terminate", ('266a5a0ca8d0a21b',), False, "items.Item.terminate"),  # 5.5.3,5.6.3,5.7.0: 266a5a0ca8d0a21b
-    ("celery/worker/request.py", "Request.cancel", ('09dc120fa6a93d0e', 'a35a2c8c815230cc'), False, "items.Item.cancel"),  # 5.5.3: a35a2c8c815230cc; 5.6.3,5.7.0: 09dc120fa6a93d0e
-    ("celery/worker/request.py", "Request.revoked", ('4d013a70be8c0388', 'fe824d04e0db6d41'), False, "items.Item.revoked"),  # 5.5.3,5.6.3: 4d013a70be8c0388; 5.7.0: fe824d04e0db6d41
-    ("celery/worker/request.py", "Request.send_event", ('e570e5836a6ff840',), False, "_internals.worker.task_events_on"),  # 5.5.3,5.6.3,5.7.0: e570e5836a6ff840
-    ("celery/app/trace.py", "TraceInfo.handle_error_state", ('210b92b8d65e4b71', '26b3241caf5c0779'), False, "_internals.trace.store_errors_for"),  # 5.5.3: 26b3241caf5c0779; 5.6.3,5.7.0: 210b92b8d65e4b71
-    ("celery/app/trace.py", "TraceInfo.handle_retry", ('0160b5e8147c5af3', '3c1646c1510d8f10'), False, "_internals.trace.record_retry"),  # 5.5.3: 3c1646c1510d8f10; 5.6.3,5.7.0: 0160b5e8147c5af3
-    ("celery/app/trace.py", "TraceInfo.handle_failure", ('ad055452d59ccbc3', 'ae47dce0b3423b0c'), False, "_internals.trace.exception_info / failure_hooks"),  # 5.5.3: ad055452d59ccbc3; 5.6.3,5.7.0: ae47dce0b3423b0c
-    ("celery/app/trace.py", "build_tracer", ('4bc5ab0983dd542c', '62033ece33f0edce', '8e58aaa057dfa2f5'), False, "_internals.trace.dispatch_callbacks_and_chain / run_success_hooks / make_context"),  # 5.5.3: 62033ece33f0edce; 5.6.3: 8e58aaa057dfa2f5; 5.7.0: 4bc5ab0983dd542c
-    ("celery/app/autoretry.py", "add_autoretry_behaviour", ('2a704958c8913af7', 'c38cc00a8ee94a08'), False, "_internals.trace.autoretry"),  # 5.5.3,5.6.3: c38cc00a8ee94a08; 5.7.0: 2a704958c8913af7
-    ("celery/worker/state.py", "task_reserved", ('31688234dd7ecd41', 'b71f4c63208f32a1'), False, "_internals.worker.task_reserved"),  # 5.5.3,5.6.3: b71f4c63208f32a1; 5.7.0: 31688234dd7ecd41
-    ("celery/worker/state.py", "task_accepted", ('fda3b2b9d59c296f',), False, "_internals.worker.task_accepted_many"),  # 5.5.3,5.6.3,5.7.0: fda3b2b9d59c296f
-    ("celery/worker/state.py", "task_ready", ('3704ce88d5e47592', 'd64c26922521631c'), False, "_internals.worker.task_ready_many"),  # 5.5.3,5.6.3: 3704ce88d5e47592; 5.7.0: d64c26922521631c
-    ("celery/backends/base.py", "Backend._get_result_meta", ('5d9db42b981c81cc', 'f2eda460217b455e'), False, "encoding.MetaEncoder"),  # 5.5.3,5.6.3: f2eda460217b455e; 5.7.0: 5d9db42b981c81cc
-    ("celery/backends/base.py", "Backend.encode", ('0bf9f5f8380b5080', '40b85404d39b6d0b'), False, "encoding.MetaEncoder"),  # 5.5.3,5.6.3: 0bf9f5f8380b5080; 5.7.0: 40b85404d39b6d0b
-    ("celery/backends/base.py", "Backend.decode", ('6918c6f30ffccb44', 'a13d0ecb9c737b3b'), False, "_internals.redis_results.read"),  # 5.5.3,5.6.3: 6918c6f30ffccb44; 5.7.0: a13d0ecb9c737b3b
-    ("celery/backends/base.py", "Backend.decode_result", ('d326e74ba9a755a7',), False, "_internals.redis_results.read"),  # 5.5.3,5.6.3,5.7.0: d326e74ba9a755a7
-    ("celery/backends/base.py", "Backend.encode_result", ('8f2e43ecf6bbe298', 'ba6b6ba5766f9d1b'), False, "encoding.MetaEncoder._dict_meta"),  # 5.5.3,5.6.3: ba6b6ba5766f9d1b; 5.7.0: 8f2e43ecf6bbe298
-    ("celery/backends/base.py", "BaseKeyValueStoreBackend._store_result", ('71146636916f03c9',), False, "_internals.redis_results.store (the SUCCESS guard)"),  # 5.5.3,5.6.3,5.7.0: 71146636916f03c9
-    ("celery/backends/redis.py", "RedisBackend._set", ('5a285b0354da1566', '5cb2c7690b748d1c'), False, "_internals.redis_results.store"),  # 5.5.3,5.6.3: 5a285b0354da1566; 5.7.0: 5cb2c7690b748d1c
-    ("celery/backends/redis.py", "RedisBackend.set", ('7698af42c0706c55', '96a4ae54ec3dbe2a'), False, "_internals.redis_results.store"),  # 5.5.3,5.6.3: 7698af42c0706c55; 5.7.0: 96a4ae54ec3dbe2a
-    ("celery/backends/redis.py", "RedisBackend.ensure", ('8cca4c4547333345',), False, "_internals.redis_results.store"),  # 5.5.3,5.6.3,5.7.0: 8cca4c4547333345
-    ("celery/result.py", "AsyncResult.__init__", ('5f46e67be38d4cb2',), False, "_internals.client.LazyAsyncResult"),  # 5.5.3,5.6.3,5.7.0: 5f46e67be38d4cb2
-    ("celery/result.py", "AsyncResult._maybe_set_cache", ('cf023d72d1e6cf95',), False, "submit.ItemResults.get"),  # 5.5.3,5.6.3,5.7.0: cf023d72d1e6cf95
-    ("celery/app/amqp.py", "AMQP.as_task_v2", ('7c5260c10ab40b50', 'bff0bfe4dc600e2f'), False, "submit._BulkSend (message template, sent_event)"),  # 5.5.3,5.6.3: bff0bfe4dc600e2f; 5.7.0: 7c5260c10ab40b50
-    ("celery/events/dispatcher.py", "EventDispatcher._prepare_event", ('74ec8b5a5dcee3b6',), True, "_internals.client.prepare_event"),  # 5.5.3,5.6.3: absent; 5.7.0: 74ec8b5a5dcee3b6
-    ("celery/events/dispatcher.py", "EventDispatcher.publish", ('a5dc9eed11022e18', 'cecb85504c95a0ca'), False, "_internals.client.prepare_event, _internals.kombu_redis.RedisBulkPublisher.publish_event"),  # 5.5.3,5.6.3: a5dc9eed11022e18; 5.7.0: cecb85504c95a0ca
-    ("celery/events/dispatcher.py", "EventDispatcher.send", ('adfcf9b0930f443b', 'f0926b2293574880'), False, "_internals.worker.task_events_on"),  # 5.5.3,5.6.3: adfcf9b0930f443b; 5.7.0: f0926b2293574880
-    ("celery/worker/consumer/tasks.py", "Tasks.start", ('0db82e24ad1e8bbf', '3be3d2baa7156999', '8bc37ce0ce91789e'), False, "bootstep.BatchingStep._disable_prefetch"),  # 5.5.3: 3be3d2baa7156999; 5.6.3: 0db82e24ad1e8bbf; 5.7.0: 8bc37ce0ce91789e
-    ("celery/worker/consumer/events.py", "Events.__init__", ('fa2f13ccc0c48e1a',), False, "_internals.worker.task_events_on"),  # 5.5.3,5.6.3,5.7.0: fa2f13ccc0c48e1a
-    ("kombu/transport/redis.py", "Channel._brpop_read", ('5139cdc4fd9a716a', 'c2e423dfeda85f81'), False, "_internals.kombu_redis.install_bulk_fetch"),  # 5.5.4,5.6.2: 5139cdc4fd9a716a; 5.7.0: c2e423dfeda85f81
-    ("kombu/transport/redis.py", "QoS.append", ('6883fd4024f51ad8',), False, "_internals.kombu_redis._POP_AND_TRACK / _deliver_more"),  # 5.5.4,5.6.2,5.7.0: 6883fd4024f51ad8
-    ("kombu/transport/redis.py", "QoS._remove_from_indices", ('bda3c1298cc3e698',), False, "_internals.kombu_redis.ack_many"),  # 5.5.4,5.6.2,5.7.0: bda3c1298cc3e698
-    ("kombu/transport/redis.py", "Channel._put", ('15ace6be28b0218e', '8cbd1540bed9a9d2'), False, "_internals.kombu_redis.RedisBulkPublisher.publish_task"),  # 5.5.4,5.6.2: 8cbd1540bed9a9d2; 5.7.0: 15ace6be28b0218e
-    ("kombu/transport/redis.py", "Channel._put_fanout", ('7f9db1dc06ad327a', 'eb6c75971d525763'), False, "_internals.kombu_redis.RedisBulkPublisher.publish_event"),  # 5.5.4,5.6.2: 7f9db1dc06ad327a; 5.7.0: eb6c75971d525763
-    ("kombu/transport/redis.py", "Channel._get_publish_topic", ('28efaf4438bd1841',), False, "_internals.kombu_redis.RedisBulkPublisher.set_event_template"),  # 5.5.4,5.6.2,5.7.0: 28efaf4438bd1841
-    ("kombu/transport/virtual/base.py", "Channel.basic_consume", ('429ca164fbeb5f88',), False, "_internals.kombu_redis._deliver_more (direct delivery)"),  # 5.5.4,5.6.2,5.7.0: 429ca164fbeb5f88
-    ("kombu/transport/virtual/base.py", "Channel.prepare_message", ('fc86cb08e6ce4ed8',), False, "_internals.kombu_redis.RedisBulkPublisher"),  # 5.5.4,5.6.2,5.7.0: fc86cb08e6ce4ed8
-    ("kombu/transport/virtual/base.py", "Channel._inplace_augment_message", ('49ed8083f87ced0f',), False, "_internals.kombu_redis.RedisBulkPublisher"),  # 5.5.4,5.6.2,5.7.0: 49ed8083f87ced0f
-    ("kombu/transport/virtual/base.py", "Channel.encode_body", ('688b14d8cae4a380',), False, "_internals.kombu_redis.RedisBulkPublisher"),  # 5.5.4,5.6.2,5.7.0: 688b14d8cae4a380
-    ("kombu/transport/virtual/base.py", "Transport._deliver", ('112626776662e648',), False, "_internals.kombu_redis._deliver_more"),  # 5.5.4,5.6.2,5.7.0: 112626776662e648
-    ("kombu/transport/virtual/base.py", "Message.__init__", ('117c34027c7f3eec',), False, "_internals.kombu_redis._deliver_more"),  # 5.5.4,5.6.2,5.7.0: 117c34027c7f3eec
-    ("kombu/transport/virtual/base.py", "QoS.append", ('7dbb9ebe24bc3800',), False, "_internals.kombu_redis._POP_AND_TRACK / _deliver_more"),  # 5.5.4,5.6.2,5.7.0: 7dbb9ebe24bc3800
-    ("kombu/transport/virtual/base.py", "QoS.ack", ('1467f5999364f592',), False, "_internals.kombu_redis.ack_many"),  # 5.5.4,5.6.2,5.7.0: 1467f5999364f592
-    ("kombu/messaging.py", "Consumer._receive_callback", ('4504ce70e6328122',), False, "consumer.py (receive_direct)"),  # 5.5.4,5.6.2,5.7.0: 4504ce70e6328122
-    ("kombu/messaging.py", "Producer.publish", ('6a96f1fdbdd96138', 'acb76df4d8e717e5'), False, "submit._BulkSend"),  # 5.5.4,5.6.2: 6a96f1fdbdd96138; 5.7.0: acb76df4d8e717e5
-    ("kombu/messaging.py", "Producer._publish", ('4709062e9da7194e', 'e24d6659320c2a8f'), False, "submit._BulkSend._send_each"),  # 5.5.4,5.6.2: e24d6659320c2a8f; 5.7.0: 4709062e9da7194e
-    ("kombu/utils/json.py", "loads", ('137b3f07f0d880d4',), False, "_internals.kombu_redis._decode, _internals.trace.decode_body"),  # 5.5.4,5.6.2,5.7.0: 137b3f07f0d880d4
-    ("kombu/utils/json.py", "dumps", ('6f1e68590bfda110',), False, "encoding._json, _internals.kombu_redis._Splicer"),  # 5.5.4,5.6.2,5.7.0: 6f1e68590bfda110
-    ("kombu/utils/json.py", "object_hook", ('cf29125995c05973',), False, "_internals.kombu_redis._decode"),  # 5.5.4,5.6.2,5.7.0: cf29125995c05973
-    ("kombu/serialization.py", "SerializerRegistry.loads", ('9eba04cf610754f3',), False, "_internals.trace.decode_body"),  # 5.5.4,5.6.2,5.7.0: 9eba04cf610754f3
-    ("kombu/common.py", "QoS.set", ('89a13592b453b331',), False, "prefetch.Prefetch"),  # 5.5.4,5.6.2,5.7.0: 89a13592b453b331
-    ("kombu/common.py", "QoS.update", ('5f852ef8dae033e3',), False, "prefetch.Prefetch"),  # 5.5.4,5.6.2,5.7.0: 5f852ef8dae033e3
+    ("celery/worker/strategy.py", "default", ('3ce288f83ac588de', '6baf864d983fbf35'), False, "consumer.py (batching_strategy)"),  # 5.6.3: 3ce288f83ac588de; 5.7.0: 6baf864d983fbf35
+    ("celery/worker/strategy.py", "hybrid_to_proto2", ('d19a0663d49ebafa',), False, "_internals.trace.decode_body"),  # 5.6.3,5.7.0: d19a0663d49ebafa
+    ("celery/worker/consumer/consumer.py", "Consumer.create_task_handler", ('0d187fd14146cf64', 'c5e923d322c5551f'), False, "consumer.py (receive_direct), _internals.worker.ack_promises"),  # 5.6.3: c5e923d322c5551f; 5.7.0: 0d187fd14146cf64
+    ("celery/worker/consumer/consumer.py", "Consumer.call_soon", ('67a8495bc3442f65', 'a7e5af8a7da8b30e'), False, "consumer_thread.py"),  # 5.6.3: 67a8495bc3442f65; 5.7.0: a7e5af8a7da8b30e
+    ("celery/worker/request.py", "Request.__init__", ('00728bc9b7c6a648',), False, "_internals.trace.make_context / delivery_details"),  # 5.6.3,5.7.0: 00728bc9b7c6a648
+    ("celery/worker/request.py", "Request.on_accepted", ('2746e351b95ff5ad',), False, "completion.Completion.accepted"),  # 5.6.3,5.7.0: 2746e351b95ff5ad
+    ("celery/worker/request.py", "Request.on_success", ('e51c750de9394de8',), False, "completion.Completion.finished"),  # 5.6.3,5.7.0: e51c750de9394de8
+    ("celery/worker/request.py", "Request.terminate", ('266a5a0ca8d0a21b',), False, "items.Item.terminate"),  # 5.6.3,5.7.0: 266a5a0ca8d0a21b
+    ("celery/worker/request.py", "Request.cancel", ('09dc120fa6a93d0e',), False, "items.Item.cancel"),  # 5.6.3,5.7.0: 09dc120fa6a93d0e
+    ("celery/worker/request.py", "Request.revoked", ('4d013a70be8c0388', 'fe824d04e0db6d41'), False, "items.Item.revoked"),  # 5.6.3: 4d013a70be8c0388; 5.7.0: fe824d04e0db6d41
+    ("celery/worker/request.py", "Request.send_event", ('e570e5836a6ff840',), False, "_internals.worker.task_events_on"),  # 5.6.3,5.7.0: e570e5836a6ff840
+    ("celery/app/trace.py", "TraceInfo.handle_error_state", ('210b92b8d65e4b71',), False, "_internals.trace.store_errors_for"),  # 5.6.3,5.7.0: 210b92b8d65e4b71
+    ("celery/app/trace.py", "TraceInfo.handle_retry", ('0160b5e8147c5af3',), False, "_internals.trace.record_retry"),  # 5.6.3,5.7.0: 0160b5e8147c5af3
+    ("celery/app/trace.py", "TraceInfo.handle_failure", ('ae47dce0b3423b0c',), False, "_internals.trace.exception_info / failure_hooks"),  # 5.6.3,5.7.0: ae47dce0b3423b0c
+    ("celery/app/trace.py", "build_tracer", ('4bc5ab0983dd542c', '8e58aaa057dfa2f5'), False, "_internals.trace.dispatch_callbacks_and_chain / run_success_hooks / make_context"),  # 5.6.3: 8e58aaa057dfa2f5; 5.7.0: 4bc5ab0983dd542c
+    ("celery/app/autoretry.py", "add_autoretry_behaviour", ('2a704958c8913af7', 'c38cc00a8ee94a08'), False, "_internals.trace.autoretry"),  # 5.6.3: c38cc00a8ee94a08; 5.7.0: 2a704958c8913af7
+    ("celery/worker/state.py", "task_reserved", ('31688234dd7ecd41', 'b71f4c63208f32a1'), False, "_internals.worker.task_reserved"),  # 5.6.3: b71f4c63208f32a1; 5.7.0: 31688234dd7ecd41
+    ("celery/worker/state.py", "task_accepted", ('fda3b2b9d59c296f',), False, "_internals.worker.task_accepted_many"),  # 5.6.3,5.7.0: fda3b2b9d59c296f
+    ("celery/worker/state.py", "task_ready", ('3704ce88d5e47592', 'd64c26922521631c'), False, "_internals.worker.task_ready_many"),  # 5.6.3: 3704ce88d5e47592; 5.7.0: d64c26922521631c
+    ("celery/backends/base.py", "Backend._get_result_meta", ('5d9db42b981c81cc', 'f2eda460217b455e'), False, "encoding.MetaEncoder"),  # 5.6.3: f2eda460217b455e; 5.7.0: 5d9db42b981c81cc
+    ("celery/backends/base.py", "Backend.encode", ('0bf9f5f8380b5080', '40b85404d39b6d0b'), False, "encoding.MetaEncoder"),  # 5.6.3: 0bf9f5f8380b5080; 5.7.0: 40b85404d39b6d0b
+    ("celery/backends/base.py", "Backend.decode", ('6918c6f30ffccb44', 'a13d0ecb9c737b3b'), False, "_internals.redis_results.read"),  # 5.6.3: 6918c6f30ffccb44; 5.7.0: a13d0ecb9c737b3b
+    ("celery/backends/base.py", "Backend.decode_result", ('d326e74ba9a755a7',), False, "_internals.redis_results.read"),  # 5.6.3,5.7.0: d326e74ba9a755a7
+    ("celery/backends/base.py", "Backend.encode_result", ('8f2e43ecf6bbe298', 'ba6b6ba5766f9d1b'), False, "encoding.MetaEncoder._dict_meta"),  # 5.6.3: ba6b6ba5766f9d1b; 5.7.0: 8f2e43ecf6bbe298
+    ("celery/backends/base.py", "BaseKeyValueStoreBackend._store_result", ('71146636916f03c9',), False, "_internals.redis_results.store (the SUCCESS guard)"),  # 5.6.3,5.7.0: 71146636916f03c9
+    ("celery/backends/redis.py", "RedisBackend._set", ('5a285b0354da1566', '5cb2c7690b748d1c'), False, "_internals.redis_results.store"),  # 5.6.3: 5a285b0354da1566; 5.7.0: 5cb2c7690b748d1c
+    ("celery/backends/redis.py", "RedisBackend.set", ('7698af42c0706c55', '96a4ae54ec3dbe2a'), False, "_internals.redis_results.store"),  # 5.6.3: 7698af42c0706c55; 5.7.0: 96a4ae54ec3dbe2a
+    ("celery/backends/redis.py", "RedisBackend.ensure", ('8cca4c4547333345',), False, "_internals.redis_results.store"),  # 5.6.3,5.7.0: 8cca4c4547333345
+    ("celery/result.py", "AsyncResult.__init__", ('5f46e67be38d4cb2',), False, "_internals.client.LazyAsyncResult"),  # 5.6.3,5.7.0: 5f46e67be38d4cb2
+    ("celery/result.py", "AsyncResult._maybe_set_cache", ('cf023d72d1e6cf95',), False, "submit.ItemResults.get"),  # 5.6.3,5.7.0: cf023d72d1e6cf95
+    ("celery/app/amqp.py", "AMQP.as_task_v2", ('7c5260c10ab40b50', 'bff0bfe4dc600e2f'), False, "submit._BulkSend (message template, sent_event)"),  # 5.6.3: bff0bfe4dc600e2f; 5.7.0: 7c5260c10ab40b50
+    ("celery/events/dispatcher.py", "EventDispatcher._prepare_event", ('74ec8b5a5dcee3b6',), True, "_internals.client.prepare_event"),  # 5.6.3: absent; 5.7.0: 74ec8b5a5dcee3b6
+    ("celery/events/dispatcher.py", "EventDispatcher.publish", ('a5dc9eed11022e18', 'cecb85504c95a0ca'), False, "_internals.client.prepare_event, _internals.kombu_redis.RedisBulkPublisher.publish_event"),  # 5.6.3: a5dc9eed11022e18; 5.7.0: cecb85504c95a0ca
+    ("celery/events/dispatcher.py", "EventDispatcher.send", ('adfcf9b0930f443b', 'f0926b2293574880'), False, "_internals.worker.task_events_on"),  # 5.6.3: adfcf9b0930f443b; 5.7.0: f0926b2293574880
+    ("celery/worker/consumer/tasks.py", "Tasks.start", ('0db82e24ad1e8bbf', '8bc37ce0ce91789e'), False, "bootstep.BatchingStep._disable_prefetch"),  # 5.6.3: 0db82e24ad1e8bbf; 5.7.0: 8bc37ce0ce91789e
+    ("celery/worker/consumer/events.py", "Events.__init__", ('fa2f13ccc0c48e1a',), False, "_internals.worker.task_events_on"),  # 5.6.3,5.7.0: fa2f13ccc0c48e1a
+    ("kombu/transport/redis.py", "Channel._brpop_read", ('5139cdc4fd9a716a', 'c2e423dfeda85f81'), False, "_internals.kombu_redis.install_bulk_fetch"),  # 5.6.2: 5139cdc4fd9a716a; 5.7.0: c2e423dfeda85f81
+    ("kombu/transport/redis.py", "QoS.append", ('6883fd4024f51ad8',), False, "_internals.kombu_redis._POP_AND_TRACK / _deliver_more"),  # 5.6.2,5.7.0: 6883fd4024f51ad8
+    ("kombu/transport/redis.py", "QoS._remove_from_indices", ('bda3c1298cc3e698',), False, "_internals.kombu_redis.ack_many"),  # 5.6.2,5.7.0: bda3c1298cc3e698
+    ("kombu/transport/redis.py", "Channel._put", ('15ace6be28b0218e', '8cbd1540bed9a9d2'), False, "_internals.kombu_redis.RedisBulkPublisher.publish_task"),  # 5.6.2: 8cbd1540bed9a9d2; 5.7.0: 15ace6be28b0218e
+    ("kombu/transport/redis.py", "Channel._put_fanout", ('7f9db1dc06ad327a', 'eb6c75971d525763'), False, "_internals.kombu_redis.RedisBulkPublisher.publish_event"),  # 5.6.2: 7f9db1dc06ad327a; 5.7.0: eb6c75971d525763
+    ("kombu/transport/redis.py", "Channel._get_publish_topic", ('28efaf4438bd1841',), False, "_internals.kombu_redis.RedisBulkPublisher.set_event_template"),  # 5.6.2,5.7.0: 28efaf4438bd1841
+    ("kombu/transport/virtual/base.py", "Channel.basic_consume", ('429ca164fbeb5f88',), False, "_internals.kombu_redis._deliver_more (direct delivery)"),  # 5.6.2,5.7.0: 429ca164fbeb5f88
+    ("kombu/transport/virtual/base.py", "Channel.prepare_message", ('fc86cb08e6ce4ed8',), False, "_internals.kombu_redis.RedisBulkPublisher"),  # 5.6.2,5.7.0: fc86cb08e6ce4ed8
+    ("kombu/transport/virtual/base.py", "Channel._inplace_augment_message", ('49ed8083f87ced0f',), False, "_internals.kombu_redis.RedisBulkPublisher"),  # 5.6.2,5.7.0: 49ed8083f87ced0f
+    ("kombu/transport/virtual/base.py", "Channel.encode_body", ('688b14d8cae4a380',), False, "_internals.kombu_redis.RedisBulkPublisher"),  # 5.6.2,5.7.0: 688b14d8cae4a380
+    ("kombu/transport/virtual/base.py", "Transport._deliver", ('112626776662e648',), False, "_internals.kombu_redis._deliver_more"),  # 5.6.2,5.7.0: 112626776662e648
+    ("kombu/transport/virtual/base.py", "Message.__init__", ('117c34027c7f3eec',), False, "_internals.kombu_redis._deliver_more"),  # 5.6.2,5.7.0: 117c34027c7f3eec
+    ("kombu/transport/virtual/base.py", "QoS.append", ('7dbb9ebe24bc3800',), False, "_internals.kombu_redis._POP_AND_TRACK / _deliver_more"),  # 5.6.2,5.7.0: 7dbb9ebe24bc3800
+    ("kombu/transport/virtual/base.py", "QoS.ack", ('1467f5999364f592',), False, "_internals.kombu_redis.ack_many"),  # 5.6.2,5.7.0: 1467f5999364f592
+    ("kombu/messaging.py", "Consumer._receive_callback", ('4504ce70e6328122',), False, "consumer.py (receive_direct)"),  # 5.6.2,5.7.0: 4504ce70e6328122
+    ("kombu/messaging.py", "Producer.publish", ('6a96f1fdbdd96138', 'acb76df4d8e717e5'), False, "submit._BulkSend"),  # 5.6.2: 6a96f1fdbdd96138; 5.7.0: acb76df4d8e717e5
+    ("kombu/messaging.py", "Producer._publish", ('4709062e9da7194e', 'e24d6659320c2a8f'), False, "submit._BulkSend._send_each"),  # 5.6.2: e24d6659320c2a8f; 5.7.0: 4709062e9da7194e
+    ("kombu/utils/json.py", "loads", ('137b3f07f0d880d4',), False, "_internals.kombu_redis._decode, _internals.trace.decode_body"),  # 5.6.2,5.7.0: 137b3f07f0d880d4
+    ("kombu/utils/json.py", "dumps", ('6f1e68590bfda110',), False, "encoding._json, _internals.kombu_redis._Splicer"),  # 5.6.2,5.7.0: 6f1e68590bfda110
+    ("kombu/utils/json.py", "object_hook", ('cf29125995c05973',), False, "_internals.kombu_redis._decode"),  # 5.6.2,5.7.0: cf29125995c05973
+    ("kombu/serialization.py", "SerializerRegistry.loads", ('9eba04cf610754f3',), False, "_internals.trace.decode_body"),  # 5.6.2,5.7.0: 9eba04cf610754f3
+    ("kombu/common.py", "QoS.set", ('89a13592b453b331',), False, "prefetch.Prefetch"),  # 5.6.2,5.7.0: 89a13592b453b331
+    ("kombu/common.py", "QoS.update", ('5f852ef8dae033e3',), False, "prefetch.Prefetch"),  # 5.6.2,5.7.0: 5f852ef8dae033e3
 ]
 
 

@@ -14,6 +14,8 @@ from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded, WorkerLo
 
 from . import report
 from .conftest import AMQP_URL, REDIS_URL
+from celery_batched.submit import ItemResults
+
 from .servers import RabbitVhost, RedisServer
 from .workers import wait_for
 
@@ -73,8 +75,10 @@ def test_kill_9_mid_run_loses_nothing(broker, queue, redis_client, start_worker)
         # tenth 10-s tick; 5.7 added unacked_restore_interval): run its restore once, now.
         time.sleep(3.5)  # past visibility_timeout (3 s)
         with broker.app.connection_for_write() as conn:
-            conn.default_channel.qos.restore_visible(num=None)
-    values = [r.get(timeout=120) for r in results]
+            qos = conn.default_channel.qos
+            qos.visibility_timeout = 3  # the workers' setting, not this client's default
+            qos.restore_visible(num=None)
+    values = ItemResults(results, broker.app).get(timeout=120)
     assert values == [i * i for i in range(n)]
     counts = runs(redis_client)
     duplicated = sum(1 for c in counts.values() if c > 1)
@@ -300,7 +304,7 @@ def test_time_limits_fail_the_batch_and_worker_stays_healthy(broker, queue, redi
     assert [r.get(timeout=30) for r in after] == [0.01, 0.02]
     failed = sum(1 for r in soft + hard if r.state == states.FAILURE)
     report.add("soft + hard time limits", broker.name, 6, _final(soft + hard + after),
-               sum(1 for c in runs(redis_client).values() if c > 1),
+               sum(1 for c in redis_client.hvals("runs") if int(c) > 1),
                f"{failed} items FAILURE, worker healthy")
 
 
