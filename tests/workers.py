@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -93,3 +96,28 @@ def wait_for(predicate: Any, timeout: float, interval: float = 0.05, what: str =
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+@contextlib.contextmanager
+def captured_events(app: Any) -> Iterator[list[dict]]:
+    """Every event on the broker while the block runs (subscribed before the block starts)."""
+    seen: list[dict] = []
+    holder: dict = {}
+
+    def listen() -> None:
+        with app.connection_for_read() as conn:
+            recv = holder["recv"] = app.events.Receiver(conn, handlers={"*": seen.append})
+            try:
+                recv.capture(limit=None, timeout=30)
+            except Exception:
+                pass
+
+    thread = threading.Thread(target=listen, daemon=True)
+    thread.start()
+    # The worker runs with -E: its heartbeat (every 2 s) proves the subscription is live.
+    wait_for(lambda: seen, 10, what="a first event (worker heartbeat)")
+    try:
+        yield seen
+    finally:
+        holder["recv"].should_stop = True
+        thread.join(5)
