@@ -44,6 +44,7 @@ CB_PYTHON = CB_VENV / "bin" / "python"
 CB_REQUIREMENTS = ["celery-batches==0.11", "celery[redis]<5.7"]
 RESULT_PREFIX = "celery-task-meta-"
 SECTIONS = ("drain", "gpusim", "latency", "bulk", "embed", "rss")
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/13"
 
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -393,12 +394,20 @@ class Worker:
         self.stop()
 
 
-def find_redis_server() -> Any:
-    """redis-server's psutil process (the local one), or None."""
+def find_redis_server(url: str | None = None) -> Any:
+    """The psutil process of the redis-server the benchmark uses (matched by its port: other
+    redis-servers may run on the machine, e.g. the tests' own), or None."""
+    from urllib.parse import urlparse
+
     import psutil
 
-    return next((p for p in psutil.process_iter(["name"])
-                 if (p.info["name"] or "").startswith("redis-server")), None)
+    port = urlparse(url or os.environ.get("BENCH_BROKER_URL") or DEFAULT_REDIS_URL).port or 6379
+    servers = [p for p in psutil.process_iter(["name", "cmdline"])
+               if (p.info["name"] or "").startswith("redis-server")]
+    for proc in servers:
+        if any(f":{port}" in part or part == str(port) for part in proc.info["cmdline"] or ()):
+            return proc
+    return servers[0] if len(servers) == 1 else None
 
 
 def _cpu_seconds(proc: Any) -> float:
@@ -1589,7 +1598,7 @@ def environment() -> dict[str, str]:
     import kombu
 
     try:
-        rv = redis_client(os.environ.get("BENCH_BROKER_URL", "redis://127.0.0.1:6379/13")).info("server")["redis_version"]
+        rv = redis_client(os.environ.get("BENCH_BROKER_URL", DEFAULT_REDIS_URL)).info("server")["redis_version"]
     except Exception:  # noqa: BLE001
         rv = "?"
     try:
@@ -1641,7 +1650,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Config, list[str], ar
     p.add_argument("--only", default="", help=f"comma-separated sections: {', '.join(SECTIONS)}")
     p.add_argument("--out", type=Path, help="also write the final table (markdown) to this file")
     p.add_argument("--json", type=Path, help="also write every measured number (JSON) to this file")
-    p.add_argument("--redis-url", default=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/13"),
+    p.add_argument("--redis-url", default=os.environ.get("BENCH_REDIS_URL", DEFAULT_REDIS_URL),
                    help="broker and result backend (FLUSHDB'd!); default redis://127.0.0.1:6379/13")
     p.add_argument("--drain-items", type=int, help="items per drain run (default 20000; quick 2000)")
     p.add_argument("--repeat", type=int, default=1, help="drain runs per library; the median is reported")

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from .servers import RedisServer
 from .workers import Worker
 
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/11")
@@ -41,6 +42,22 @@ def start_worker(tmp_path: Path) -> Iterator:
     yield start
     for worker in workers:
         worker.close()
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator:
+    """``private_redis(persistent=False, *args)`` -> a started RedisServer of this test's own,
+    stopped at the end of the test whatever happens."""
+    servers: list[RedisServer] = []
+
+    def start(persistent: bool = False, *extra_args: str) -> RedisServer:
+        server = RedisServer(tmp_path, persistent, *extra_args).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
 
 
 def pytest_runtest_makereport(item, call):  # noqa: ANN001, ANN201

@@ -201,11 +201,12 @@ def _final(results) -> int:
 
 
 @pytest.mark.parametrize("pool", ["prefork", "threads"])
-def test_result_backend_outage_hands_items_back(queue, redis_client, start_worker, tmp_path, pool):
+def test_result_backend_outage_hands_items_back(queue, redis_client, start_worker, private_redis,
+                                               pool):
     """The result backend stays down longer than its retry policy: no item is acknowledged
     without its result; they go back to the broker, run again once it is back, and the worker
     keeps flushing meanwhile."""
-    backend = RedisServer(tmp_path, persistent=True).start()
+    backend = private_redis(True)
     env = {"TEST_BACKEND_URL": backend.url(), "TEST_RECORD_URL": REDIS_URL,
            "TEST_BACKEND_RETRY_S": "0.6"}
     client = Celery("client", broker=REDIS_URL, backend=backend.url())
