@@ -17,6 +17,7 @@ For every item this decides who records its outcome:
 from __future__ import annotations
 
 import logging
+import os
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
@@ -27,7 +28,7 @@ from celery.exceptions import Retry
 from ._internals import trace, worker
 from ._types import BatchedTaskLike
 from ._wire import DONE, FAILED, RETRIED, STORE, UNSTORED, BatchReply, WireItem
-from .encoding import bounded_repr
+from .encoding import bounded_repr, plain
 from .errors import ItemArgumentsError, ItemDecodeError, ItemResultEncodeError
 from .outcomes import RetryItem
 
@@ -94,7 +95,6 @@ class ItemOutcomes:
         task = self.task
         live = [i for i in range(len(self.items)) if self.decoded[i] is not None]
         if task.track_started:
-            import os
             started = {"pid": os.getpid(), "hostname": self.hostname}
             trace.store_results(
                 task, [(self.items[i][0]["id"], started, self.context(i)) for i in live
@@ -129,8 +129,8 @@ class ItemOutcomes:
             embed = self._embed(i)
             stores = (parent_stores and not embed.get("chord")
                       and not trace.ignores_result(task, headers))
-            if is_array and (not stores or embed.get("callbacks") or embed.get("chain")):
-                value = value.tolist()
+            if not stores or embed.get("callbacks") or embed.get("chain"):
+                value = value.tolist() if is_array else plain(value)  # what Celery can encode
             if embed.get("callbacks") or embed.get("chain"):
                 try:
                     trace.dispatch_callbacks_and_chain(task, value, self.context(i))

@@ -357,3 +357,12 @@ def test_tensors_and_numpy_values_come_back_as_plain_lists(redis_client, queue, 
         [0.5] * 4, [1.0] * 4, [1.5] * 4]
     assert pipelined.numpy_list.map_items([0, 1, 2], queue=queue).get(timeout=30) == [
         [0, 1, 2], 1.0, [2, 3, 4]]
+
+
+def test_numpy_values_are_plain_where_the_pool_stores_them(redis_client, queue, start_worker):
+    """With result_extended the pool stores results itself (Celery's own encoder): NumPy values
+    in the returned list must reach it as plain lists and numbers too."""
+    from .apps import pipelined
+
+    start_worker(PIPELINED, queues=queue, env={"TEST_RESULT_EXTENDED": "1"})
+    assert pipelined.numpy_list.map_items([0, 1], queue=queue).get(timeout=30) == [[0, 1, 2], 1.0]

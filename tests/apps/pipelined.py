@@ -26,7 +26,8 @@ CALL_S = 0.1
 serializer = os.environ.get("TEST_RESULT_SERIALIZER", "json")
 app = make_app("pipelined")
 app.conf.update(result_serializer=serializer, result_accept_content=["json", "msgpack"],
-                result_backend="tests.apps.pipelined.SlowRedisBackend+" + BACKEND)
+                result_backend="tests.apps.pipelined.SlowRedisBackend+" + BACKEND,
+                result_extended=os.environ.get("TEST_RESULT_EXTENDED") == "1")
 
 _redis = redis_client()
 
