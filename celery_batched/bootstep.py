@@ -147,8 +147,13 @@ class BatchingStep(bootsteps.StartStopStep):
     def shutdown(self, c: Any) -> None:
         self.stop(c)
         if self.thread is not None and not self.thread.has_loop:
-            self._drain_writer()  # no event loop: its close can't do it
+            # No event loop whose close would do it: the pool's last callbacks, the results they
+            # hand to the writer, the writer's completions, then the acks those queued.
+            self.thread.drain(SHUTDOWN_DRAIN_S)
+            self._drain_writer()
+            self.thread.drain(SHUTDOWN_DRAIN_S)
             c.perform_pending_operations()
+            self.thread.close()
         if self.writer is not None:
             self.writer.stop()
 

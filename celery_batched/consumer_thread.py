@@ -8,16 +8,20 @@ before the last acks: what is queued runs from ``Hub.close`` (``hub.on_close``),
 result writer has finished. A reconnect resets the loop (``Hub.reset`` also calls ``on_close``):
 queued callbacks run then, and ``arm`` registers the pipe again when the consumer restarts.
 
-Transports without an event loop (Celery's ``synloop``: the filesystem transport, SQS) take
-callbacks on the calling thread under one lock shared with the consumer's message handler; only
-the acks are deferred to the consumer's thread there, with Celery's own ``Consumer.call_soon``.
+Transports without an event loop (Celery's ``synloop``: the filesystem transport, SQS) run
+callbacks from other threads on one runner thread, under a lock shared with the consumer's
+message handler; the acks go to the consumer's thread with Celery's own ``Consumer.call_soon``.
+The pool's threads only queue: the consumer may hold the lock while billiard's ``apply_async``
+waits for a free process, which only the pool's result thread can announce.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -39,7 +43,14 @@ class ConsumerThread:
         self._signalled = False
         self._before_close: list[Callable[[], None]] = []
         self._rfd = self._wfd = -1
-        if self.hub is not None:
+        self._queued: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...]] | None] = \
+            queue.SimpleQueue()
+        self._unfinished = 0
+        self._idle = threading.Condition()
+        if self.hub is None:
+            threading.Thread(target=self._run_queued, name="celery-batched-callbacks",
+                             daemon=True).start()
+        else:
             self._rfd, self._wfd = os.pipe()
             os.set_blocking(self._rfd, False)
             os.set_blocking(self._wfd, False)
@@ -58,8 +69,13 @@ class ConsumerThread:
     def call(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run ``fn(*args)`` on the consumer's thread: now if this is it, else soon."""
         if self.hub is None:
-            with self.lock:
-                _run(fn, args)
+            if threading.get_ident() == self.ident:
+                with self.lock:
+                    _run(fn, args)
+            else:
+                with self._idle:
+                    self._unfinished += 1
+                self._queued.put((fn, args))
             return
         if threading.get_ident() == self.ident:
             _run(fn, args)
@@ -83,6 +99,31 @@ class ConsumerThread:
     def before_close(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` when the event loop closes, before the callbacks still queued."""
         self._before_close.append(fn)
+
+    def drain(self, timeout: float) -> bool:
+        """Without an event loop: wait until the queued callbacks have run (shutdown)."""
+        deadline = time.monotonic() + timeout
+        with self._idle:
+            while self._unfinished:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._idle.wait(left)
+        return True
+
+    def _run_queued(self) -> None:
+        while True:
+            job = self._queued.get()
+            if job is None:
+                return
+            fn, args = job
+            try:
+                with self.lock:
+                    _run(fn, args)
+            finally:
+                with self._idle:
+                    self._unfinished -= 1
+                    self._idle.notify_all()
 
     def run_pending(self) -> None:
         with self._pending_lock:
@@ -112,6 +153,8 @@ class ConsumerThread:
             self.close()
 
     def close(self) -> None:
+        if self.hub is None:
+            self._queued.put(None)
         if self._rfd >= 0:
             if self.hub is not None:
                 try:

@@ -469,3 +469,29 @@ def test_memory_and_unacked_stay_bounded_while_draining(broker, queue, redis_cli
     drained = int(redis_client.get("tally") or 0)
     report.add(f"drain {n} queued items", broker.name, n, min(drained, n), max(0, drained - n),
                f"max unacked {max(unacked)}, RSS growth {growth_mb:.1f} MB after warm-up")
+
+
+def test_transport_without_event_loop_keeps_batches_flowing(queue, tmp_path, start_worker):
+    """kombu's filesystem transport has no event loop: the pool's result thread must never wait
+    on the consumer while the consumer waits (in billiard's ``apply_async``) for that thread to
+    free the only pool process. This deadlocked about one demo run in five."""
+    from example_project import fs_transport  # noqa: F401  (registers filesystem-atomic://)
+
+    folder = tmp_path / "fs"
+    client = Celery("client", broker="filesystem-atomic://", backend=REDIS_URL)
+    client.conf.update(task_serializer="json", accept_content=["json"], result_serializer="json",
+                       broker_transport_options={
+                           "data_folder_in": str(folder / "queue"),
+                           "data_folder_out": str(folder / "queue"),
+                           "processed_folder": str(folder / "processed"),
+                           "control_folder": str(folder / "control"),
+                       })
+    worker = start_worker("tests.apps.nohub", queues=queue, env={"TEST_FS_DIR": str(folder)})
+    n = 40
+    with client.producer_or_acquire() as producer:
+        results = [client.send_task("tests.apps.nohub.slow_double", (i,), queue=queue,
+                                    producer=producer) for i in range(n)]
+    assert ItemResults(results, client).get(timeout=60) == [i * 2 for i in range(n)]
+    assert worker.stop(timeout=30) == 0, worker.log()
+    assert not list((folder / "queue").glob("*.msg")), "every message was acknowledged"
+    client.close()
