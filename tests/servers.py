@@ -63,6 +63,9 @@ class RedisServer:
             self.proc.kill()
             self.proc.wait(10)
 
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
     def restart(self) -> None:
         self.stop()
         self.start()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import time
@@ -210,29 +211,40 @@ def test_result_backend_outage_hands_items_back(queue, redis_client, start_worke
     env = {"TEST_BACKEND_URL": backend.url(), "TEST_RECORD_URL": REDIS_URL,
            "TEST_BACKEND_RETRY_S": "0.6"}
     client = Celery("client", broker=REDIS_URL, backend=backend.url())
-    client.conf.update(task_serializer="json", accept_content=["json"], result_serializer="json")
+    # The client gives up on a dead backend quickly too: AsyncResult.__del__ unsubscribes, and
+    # with Celery's default policy (20 retries) a garbage collection after this test, with this
+    # server gone, would retry for minutes inside __del__, out of pytest-timeout's reach.
+    client.conf.update(task_serializer="json", accept_content=["json"], result_serializer="json",
+                       result_backend_transport_options={"retry_policy": {"max_retries": 1}})
     broker = SimpleNamespace(app=client)
     redis_client.set("delay", 0.02)
     worker = start_worker(APP, queues=queue, pool=pool, concurrency=1, env=env)
     # Sent up front: the client's own send_task subscribes to each result in the backend.
     results = send_many(broker, "slow_square", [(i,) for i in range(300)], queue)
-    wait_for(lambda: len(runs(redis_client)) >= 40, 30, what="batches before the outage")
-    backend.stop()
-    ran_at_stop = sum(runs(redis_client).values())
-    time.sleep(4)  # several retry policies' worth
-    ran_during = sum(runs(redis_client).values()) - ran_at_stop
-    backend.start()
-    values = [r.get(timeout=90) for r in results]
-    assert values == [i * i for i in range(300)]
-    assert all(r.state == states.SUCCESS for r in results)
-    assert worker.proc.poll() is None, "the worker died"
-    assert "handed back to the broker" in worker.log(), "the outage never hit a batch's results"
-    assert ran_during > 0, "the worker stopped running batches while the backend was down"
-    counts = runs(redis_client)
-    client.close()
-    report.add(f"result backend down 4 s (retry policy 0.6 s), -P {pool}", "redis", 300,
-               _final(results), sum(1 for c in counts.values() if c > 1),
-               f"handed back, ran again; {ran_during} runs during the outage")
+    try:
+        wait_for(lambda: len(runs(redis_client)) >= 40, 30, what="batches before the outage")
+        backend.stop()
+        ran_at_stop = sum(runs(redis_client).values())
+        time.sleep(4)  # several retry policies' worth
+        ran_during = sum(runs(redis_client).values()) - ran_at_stop
+        backend.start()
+        values = [r.get(timeout=90) for r in results]
+        assert values == [i * i for i in range(300)]
+        assert all(r.state == states.SUCCESS for r in results)
+        assert worker.proc.poll() is None, "the worker died"
+        assert "handed back to the broker" in worker.log(), "the outage never hit a batch's results"
+        assert ran_during > 0, "the worker stopped running batches while the backend was down"
+        counts = runs(redis_client)
+        report.add(f"result backend down 4 s (retry policy 0.6 s), -P {pool}", "redis", 300,
+                   _final(results), sum(1 for c in counts.values() if c > 1),
+                   f"handed back, ran again; {ran_during} runs during the outage")
+    finally:
+        # Let the results unsubscribe while their server still runs, not in a later test's GC.
+        if not backend.running():
+            backend.start()
+        results.clear()
+        gc.collect()
+        client.close()
 
 
 @pytest.mark.parametrize("setting", [
