@@ -1,7 +1,7 @@
 """The version matrix: the suite on each Celery/kombu minor release this package claims.
 
 ``make test`` runs everything on the newest release (the project's .venv); ``make test-matrix``
-(this file) runs the engine, behaviour, fault-injection and internals tests on the other ones,
+(this file) runs the engine, behaviour, policies, fault-injection and internals tests on the other ones,
 each with the redis-py its own ``[redis]`` extra allows. ``tests/test_internals.py`` pins the
 Celery/kombu functions we mirror to exactly these releases.
 """
@@ -29,4 +29,5 @@ def matrix(session: nox.Session, celery: str, kombu: str) -> None:
     session.install("--no-deps", "-e", ".")
     env = {"TEST_REDIS_URL": REDIS, "TEST_BROKER_URL": REDIS, "TEST_BACKEND_URL": REDIS}
     session.run("python", "-m", "pytest", "tests/test_core.py", "tests/test_behaviour.py",
+                "tests/test_policies.py",
                 "tests/test_internals.py", "tests/test_reliability.py", *session.posargs, env=env)

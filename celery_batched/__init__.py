@@ -11,7 +11,7 @@ from __future__ import annotations
 from .bootstep import BatchingStep
 from .errors import (BatchedTaskDefinitionError, BatchedTaskOptionError, BatchingNotInstalledError,
                      BatchResultError, BatchSetupError, CeleryBatchedError, ItemArgumentsError,
-                     ItemResultEncodeError)
+                     ItemPolicyError, ItemResultEncodeError)
 from .outcomes import RetryItem
 from .stats import batching_stats
 from .task import BatchedTask
@@ -28,6 +28,7 @@ __all__ = [
     "BatchResultError",
     "BatchSetupError",
     "ItemArgumentsError",
+    "ItemPolicyError",
     "ItemResultEncodeError",
 ]
 __version__ = "0.1.0"

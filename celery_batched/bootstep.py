@@ -22,10 +22,11 @@ from celery.worker.control import Panel, control_command, inspect_command
 
 from ._internals import worker
 from ._internals.kombu_redis import install_bulk_fetch
-from .buffer import BatchBuffer
+from .buffer import INVALID, BatchBuffer
 from .completion import Completion
 from .consumer_thread import ConsumerThread
 from .dispatch import Batch, BatchDispatcher
+from .latency import LatencyModel
 from .prefetch import Prefetch
 from .worker_checks import check_result_serializer, check_worker
 from .writer import ResultWriter
@@ -52,6 +53,7 @@ class BatchingStep(bootsteps.StartStopStep):
         self.buffers: dict[str, BatchBuffer] = {}
         self.batch_sizes: dict[str, Counter[int]] = {}
         self.flush_reasons: dict[str, Counter[str]] = {}
+        self.latency_models: dict[str, LatencyModel] = {}
         self.thread: ConsumerThread | None = None
         self.writer: ResultWriter | None = None
         self.dispatcher: BatchDispatcher | None = None
@@ -68,7 +70,8 @@ class BatchingStep(bootsteps.StartStopStep):
             self.thread.before_close(lambda: self._drain_writer())
             self.dispatcher = BatchDispatcher(
                 c, self.thread, Completion(c, self.thread.call_ack), self.writer,
-                self.slots, on_batch=self._count_batch, on_slot_free=self._flush_due)
+                self.slots, on_batch=self._count_batch, on_slot_free=self._flush_due,
+                on_executed=self._executed)
         else:
             self.thread.arm()
         self.buffers = {}
@@ -124,9 +127,15 @@ class BatchingStep(bootsteps.StartStopStep):
             timer = self.consumer.timer
             if self.consumer.hub is None:  # timer callbacks come from the timer's own thread
                 timer = _LockedTimer(timer, self.thread_lock)
+            latency = None
+            if spec.max_latency_ms is not None:  # what it learned survives reconnects
+                latency = self.latency_models.get(task.name)
+                if latency is None:
+                    latency = self.latency_models[task.name] = LatencyModel(
+                        spec.max_latency_ms, spec.max_batch_size)
             buffer = self.buffers[task.name] = BatchBuffer(
                 spec, timer, self.prefetch.credit_for(spec.max_batch_size),
-                self.dispatcher, pool_busy=self.dispatcher.pool_busy)
+                self.dispatcher, pool_busy=self.dispatcher.pool_busy, latency=latency)
         return buffer
 
     def stop(self, c: Any) -> None:
@@ -171,6 +180,11 @@ class BatchingStep(bootsteps.StartStopStep):
         for buffer in list(self.buffers.values()):
             buffer.flush_if_due()
 
+    def _executed(self, batch: Batch, reply: Any) -> None:
+        latency = self.latency_models.get(batch.task.name)
+        if latency is not None and batch.reason != INVALID:
+            latency.observe(len(batch.items), reply.runtime)
+
     def _count_batch(self, batch: Batch) -> None:
         name = batch.task.name
         self.batch_sizes.setdefault(name, Counter())[len(batch.items)] += 1
@@ -181,7 +195,8 @@ class BatchingStep(bootsteps.StartStopStep):
 
     def stats(self) -> dict[str, Any]:
         out = {}
-        for name, sizes in self.batch_sizes.items():
+        for name in {**self.batch_sizes, **self.buffers}:
+            sizes = self.batch_sizes.get(name, Counter())
             buffer = self.buffers.get(name)
             out[name] = {
                 "batches": sum(sizes.values()),
@@ -191,6 +206,10 @@ class BatchingStep(bootsteps.StartStopStep):
                 "buffered": len(buffer) if buffer else 0,
                 "held": buffer.credit.held if buffer else 0,
             }
+            if buffer is not None and buffer.spec.policy is not None:
+                out[name]["open_keys"] = buffer.open_keys
+            if name in self.latency_models:
+                out[name]["latency"] = self.latency_models[name].snapshot()
         return out
 
 

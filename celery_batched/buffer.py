@@ -1,12 +1,21 @@
 """The buffer: where one batched task's messages wait, unacknowledged, for their batch.
 
-Flush rule (Modal's ``@batched``): the first item into an empty buffer starts the clock; the
-buffer is flushed as soon as it holds ``max_batch_size`` items or ``wait_ms`` has passed since
+Flush rule (Modal's ``@batched``): the first item into an empty batch starts the clock; the
+batch is flushed as soon as it holds ``max_batch_size`` items or ``wait_ms`` has passed since
 that first item, whichever comes first. A batch never holds more than ``max_batch_size`` items.
+The policies (``policies.py``) refine it:
 
-One refinement: if every pool process is busy when ``wait_ms`` expires, the partial batch
-couldn't start anyway, so it keeps filling until a process is free (``flush_if_due``) or it is
-full. Under load this gives bigger batches at no latency cost.
+* ``batch_key``: one open batch per key, each with its own clock. At most ``max_open_keys``
+  keys have items waiting; an item with a new key beyond that flushes the batch that has waited
+  longest (reason ``max_open_keys``) to make room.
+* ``max_batch_cost``: an item that would push its batch's cost over the bound flushes the batch
+  first (reason ``max_batch_cost``); a batch that reaches the bound is flushed; an item costing
+  more than the bound on its own runs alone.
+* ``max_latency_ms``: the clock is the latency target's deadline (``latency.py``), and a batch
+  that can't fill in time is flushed at once (reason ``latency target``).
+
+If every pool process is busy when a batch's time is up, it couldn't start anyway, so it keeps
+filling until a process is free (``flush_if_due``, reason ``slot free``) or it is full.
 
 Everything here runs on the consumer's thread: puts come from the strategy, timer callbacks from
 the event loop's timer (or Celery's timer thread for transports without an event loop; hence the
@@ -15,15 +24,18 @@ lock), ``flush_if_due`` from the completion of a batch.
 
 from __future__ import annotations
 
+import itertools
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any, Protocol
 
+from .latency import LatencyModel
 from .prefetch import TaskCredit
 from .spec import BatchSpec
 
 #: Why a batch was flushed (logs, stats).
 SIZE, WAIT, SLOT_FREE = "size", "wait_ms", "slot free"
+COST, KEY_LIMIT, LATENCY, INVALID = "max_batch_cost", "max_open_keys", "latency target", "invalid item"
 
 
 class TimerLike(Protocol):
@@ -32,69 +44,141 @@ class TimerLike(Protocol):
 
 Flush = Callable[[list[Any], TaskCredit, str], None]
 
+_generations = itertools.count(1)
+
+
+class _Open:
+    """The batch being filled for one key."""
+
+    __slots__ = ("items", "cost", "first_at", "generation", "timer", "deadline", "due")
+
+    def __init__(self, first_at: float) -> None:
+        self.items: list[Any] = []
+        self.cost = 0.0
+        self.first_at = first_at
+        self.generation = next(_generations)
+        self.timer: Any = None
+        self.deadline = 0.0
+        self.due = False
+
 
 class BatchBuffer:
     """Collects one batched task's items and hands full or timed-out batches to ``flush``."""
 
     def __init__(self, spec: BatchSpec, timer: TimerLike, credit: TaskCredit, flush: Flush,
-                 pool_busy: Callable[[], bool] = lambda: False) -> None:
+                 pool_busy: Callable[[], bool] = lambda: False,
+                 latency: LatencyModel | None = None) -> None:
         self.spec = spec
         self.credit = credit
+        self.latency = latency
         self._timer = timer
         self._flush = flush
         self._pool_busy = pool_busy
-        self._items: list[Any] = []
-        self._generation = 0
-        self._timer_entry: Any = None
-        self._due = False
+        self._open: dict[Hashable, _Open] = {}
+        self._count = 0
+        self._max_size = spec.max_batch_size
+        self._max_cost = spec.max_batch_cost
+        self._max_keys = spec.max_open_keys
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
-        return len(self._items)
+        return self._count
 
-    def put(self, item: Any) -> None:
+    @property
+    def open_keys(self) -> int:
+        return len(self._open)
+
+    def put(self, item: Any, key: Hashable = None, cost: float = 0.0) -> None:
         self.credit.hold()
-        batch = None
+        flushes: list[tuple[list[Any], str]] = []
         with self._lock:
-            self._items.append(item)
-            if len(self._items) >= self.spec.max_batch_size:
-                batch = self._take()
-            elif len(self._items) == 1:
-                self._timer_entry = self._timer.call_after(
-                    self.spec.wait_s, self._on_timer, (self._generation,))
-        if batch:
-            self._flush(batch, self.credit, SIZE)
+            batch = self._open.get(key)
+            if batch is None:
+                if len(self._open) >= self._max_keys:
+                    flushes.append((self._take(next(iter(self._open))), KEY_LIMIT))
+                batch = self._open[key] = _Open(item.buffered_at)
+            elif self._max_cost is not None and batch.cost + cost > self._max_cost:
+                flushes.append((self._take(key), COST))
+                batch = self._open[key] = _Open(item.buffered_at)
+            batch.items.append(item)
+            batch.cost += cost
+            self._count += 1
+            n = len(batch.items)
+            if n >= self._max_size:
+                flushes.append((self._take(key), SIZE))
+            elif self._max_cost is not None and batch.cost >= self._max_cost:
+                flushes.append((self._take(key), COST))
+            elif self.latency is not None:
+                self._plan(key, batch, item.buffered_at, flushes)
+            elif n == 1:
+                batch.timer = self._timer.call_after(
+                    self.spec.wait_s, self._on_timer, (key, batch.generation))
+        for items, reason in flushes:
+            self._flush(items, self.credit, reason)
+
+    def put_alone(self, item: Any) -> None:
+        """An item that can't join a batch (its key or cost could not be computed): a batch of
+        its own, now. The function is not called for it."""
+        self.credit.hold()
+        self._flush([item], self.credit, INVALID)
+
+    def _plan(self, key: Hashable, batch: _Open, now: float,
+              flushes: list[tuple[list[Any], str]]) -> None:
+        """``max_latency_ms``: flush now, or (re)arm the timer for the batch's deadline."""
+        latency = self.latency
+        assert latency is not None
+        latency.arrived(key, now)
+        deadline = latency.deadline(batch.first_at, len(batch.items))
+        if not latency.worth_waiting(key, len(batch.items), now, deadline):
+            if self._pool_busy():
+                batch.due = True
+            else:
+                flushes.append((self._take(key), LATENCY))
+            return
+        if batch.timer is None or deadline < batch.deadline - 0.001:
+            if batch.timer is not None:
+                batch.timer.cancel()
+            batch.deadline = deadline
+            batch.timer = self._timer.call_after(
+                max(0.0, deadline - now), self._on_timer, (key, batch.generation))
 
     def take_all(self) -> list[Any]:
         """Empty the buffer without flushing (the worker is stopping or lost its connection)."""
         with self._lock:
-            return self._take()
+            items: list[Any] = []
+            for key in list(self._open):
+                items += self._take(key)
+            return items
 
     def flush_if_due(self) -> None:
-        """A pool process became free: run the partial batch whose wait is over."""
-        with self._lock:
-            if not (self._due and self._items) or self._pool_busy():
-                return
-            batch = self._take()
-        self._flush(batch, self.credit, SLOT_FREE)
+        """A pool process became free: run the partial batches whose time is over, oldest
+        first, while processes are free."""
+        while True:
+            with self._lock:
+                key = next((k for k, b in self._open.items() if b.due), _NONE)
+                if key is _NONE or self._pool_busy():
+                    return
+                items = self._take(key)
+            self._flush(items, self.credit, SLOT_FREE)
 
-    def _on_timer(self, generation: int) -> None:
+    def _on_timer(self, key: Hashable, generation: int) -> None:
         with self._lock:
-            if generation != self._generation or not self._items:
-                return  # flushed by size since this timer was set
-            self._timer_entry = None
+            batch = self._open.get(key)
+            if batch is None or batch.generation != generation:
+                return  # flushed since this timer was set
+            batch.timer = None
             if self._pool_busy():
-                self._due = True
+                batch.due = True
                 return
-            batch = self._take()
-        self._flush(batch, self.credit, WAIT)
+            items = self._take(key)
+        self._flush(items, self.credit, WAIT if self.latency is None else LATENCY)
 
-    def _take(self) -> list[Any]:
-        # put() flushes at max_batch_size, so the buffer never holds more than one batch.
-        batch, self._items = self._items, []
-        self._due = False
-        self._generation += 1
-        if self._timer_entry is not None:
-            self._timer_entry.cancel()
-            self._timer_entry = None
-        return batch
+    def _take(self, key: Hashable) -> list[Any]:
+        batch = self._open.pop(key)
+        if batch.timer is not None:
+            batch.timer.cancel()
+        self._count -= len(batch.items)
+        return batch.items
+
+
+_NONE: Any = object()

@@ -27,8 +27,8 @@ from celery.worker.strategy import hybrid_to_proto2, proto1_to_proto2
 from kombu.asynchronous.timer import to_timestamp
 from kombu.exceptions import ContentDisallowed, DecodeError
 
-from ._internals import worker
-from .errors import BatchingNotInstalledError
+from ._internals import trace, worker
+from .errors import BatchingNotInstalledError, ItemPolicyError
 from .items import Item, ItemSource
 
 logger = get_logger(__name__)
@@ -58,6 +58,8 @@ def batching_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Any:
     utc = app.uses_utc_timezone()
     task_scheduled = getattr(worker_state, "task_scheduled", None)  # Celery >= 5.6
     buffer_for = batching.buffer_for
+    spec = task._batch_spec
+    policy = spec.policy
     on_task_message = consumer.on_task_message
 
     def build_request(item: Item, body: Any = None, headers: Any = None, decoded: bool = False) -> Any:
@@ -71,7 +73,31 @@ def batching_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Any:
 
     def enter_buffer(item: Item) -> None:
         worker.task_reserved(item)
-        buffer_for(task).put(item)
+        if policy is None:
+            buffer_for(task).put(item)
+            return
+        try:
+            key, cost = evaluate_policy(item)
+        except Exception as exc:  # undecodable, bad arguments, or the policy function failed
+            # The pool reports decode and argument errors itself, as for any item.
+            item.error = exc if isinstance(exc, ItemPolicyError) else None
+            buffer_for(task).put_alone(item)
+            return
+        buffer_for(task).put(item, key, cost)
+
+    def evaluate_policy(item: Item) -> tuple[Any, float]:
+        """``batch_key``/``batch_cost`` need the item's arguments: decode the body here (once;
+        the pool gets it decoded)."""
+        assert policy is not None
+        req = item._request
+        if req is not None and req._decoded:
+            payload = req._payload
+        else:
+            message = item.message
+            payload = item.payload = trace.decode_body(
+                message.body, message.content_type, message.content_encoding, accept)
+        row = spec.bind_item(payload[0], payload[1])
+        return policy.key(row), policy.cost(row)
 
     def eta_due(item: Item) -> None:
         consumer.qos.decrement_eventually()

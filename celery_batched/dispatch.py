@@ -18,6 +18,7 @@ from celery.utils.log import get_logger
 
 from ._internals import worker
 from ._wire import STORE, BatchReply
+from .buffer import INVALID
 from .completion import Completion
 from .consumer_thread import ConsumerThread
 from .execution import execute_batch
@@ -53,7 +54,8 @@ class BatchDispatcher:
 
     def __init__(self, consumer: Any, thread: ConsumerThread, completion: Completion,
                  writer: ResultWriter, slots: Callable[[], int],
-                 on_batch: Callable[[Batch], None], on_slot_free: Callable[[], None]) -> None:
+                 on_batch: Callable[[Batch], None], on_slot_free: Callable[[], None],
+                 on_executed: Callable[[Batch, BatchReply], None] = lambda b, r: None) -> None:
         self.consumer = consumer
         self.pool = consumer.pool
         self.hostname = consumer.hostname
@@ -63,6 +65,7 @@ class BatchDispatcher:
         self.slots = slots
         self.on_batch = on_batch
         self.on_slot_free = on_slot_free
+        self.on_executed = on_executed
         self.in_flight = 0
 
     def pool_busy(self) -> bool:
@@ -84,7 +87,8 @@ class BatchDispatcher:
         try:
             self.pool.apply_async(
                 execute_batch,
-                args=(task, [it.wire() for it in live], batch.want_repr, self.hostname),
+                args=(task, [it.wire() for it in live], batch.want_repr, self.hostname,
+                      _preset_errors(live) if reason == INVALID else None),
                 accept_callback=lambda pid, t: call(self.completion.accepted, batch, pid, t),
                 callback=lambda reply: call(self._done, batch, reply),
                 error_callback=lambda exc_info: call(self._failed, batch, exc_info),
@@ -104,6 +108,8 @@ class BatchDispatcher:
 
     def _done(self, batch: Batch, reply: Any) -> None:
         self.in_flight -= 1
+        if isinstance(reply, BatchReply):
+            self.on_executed(batch, reply)
         if not isinstance(reply, BatchReply):  # threads/solo report a lost job as an ExceptionInfo
             self.completion.failed(batch, reply)
         elif STORE in reply.codes:
@@ -121,3 +127,9 @@ class BatchDispatcher:
         """The writer stored the batch's results (writer thread): complete it on the consumer."""
         self.thread.call(self.completion.finished, batch, reply, written)
 
+
+
+def _preset_errors(items: Sequence[Any]) -> dict[int, BaseException] | None:
+    """Items that fail without running: their ``batch_key``/``batch_cost`` raised."""
+    errors = {i: it.error for i, it in enumerate(items) if it.error is not None}
+    return errors or None

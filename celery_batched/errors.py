@@ -40,6 +40,14 @@ class BatchResultError(CeleryBatchedError):
     """
 
 
+class ItemPolicyError(CeleryBatchedError):
+    """The task's ``batch_key`` or ``batch_cost`` function raised for one item, or returned
+    something unusable (an unhashable key, a cost that is not a number >= 0).
+
+    Only that item fails, with this error naming the function and the item; it never runs.
+    """
+
+
 class ItemDecodeError(CeleryBatchedError):
     """One item's message body could not be decoded (malformed, or not the declared content type).
 

@@ -24,21 +24,25 @@ from ._wire import BatchReply, WireItem
 from .errors import BatchResultError, BatchSetupError
 from .event_loop import run_coroutine
 from .item_results import ItemOutcomes
+from .oom import fit_limit, free_cuda_cache
+from .policies import is_oom
 
 _setup_lock = threading.Lock()
 logger = logging.getLogger(__name__)
 
 
 def execute_batch(task: BatchedTaskLike, items: Sequence[WireItem], want_repr: bool = False,
-                  hostname: str | None = None) -> BatchReply:
-    """Pool entry point: run one batch and answer with one code per item.
+                  hostname: str | None = None,
+                  errors: dict[int, BaseException] | None = None) -> BatchReply:
+    """Pool entry point: run one batch and answer with one code per item. ``errors``: items
+    that fail without running (the consumer could not compute their key or cost).
 
     Never raises for a batch's own trouble: the threads and solo pools would lose the job.
     """
     started = time.monotonic()
     outcomes = ItemOutcomes(task, items, hostname, want_repr)
     try:
-        rows = outcomes.decode_and_bind()
+        rows = outcomes.decode_and_bind(errors)
         if task.track_started or signals.task_prerun.receivers:
             outcomes.announce_start()
         call_started = time.monotonic()
@@ -55,21 +59,49 @@ def execute_batch(task: BatchedTaskLike, items: Sequence[WireItem], want_repr: b
 
 
 def call_batch(task: BatchedTaskLike, rows: Sequence[tuple[Any, ...]]) -> Any:
-    """Call the function once for ``rows``: a list (or array) of one outcome per row.
+    """Call the function for ``rows``: a list (or array) of one outcome per row.
 
-    If the call raises, every row gets that exception -- or, with ``isolate_failures``, the rows
-    are split in halves and re-run until the failing rows are alone.
+    Usually one call. After an out-of-memory error this process calls it in chunks that fit
+    (``oom.py``). If a call raises, every row of it gets that exception -- or, for an
+    out-of-memory error or with ``isolate_failures``, its rows are split in halves and re-run
+    until the failing rows are alone.
     """
+    limit = fit_limit(task).limit if task._batch_spec.oom_errors else None
+    if limit is None or len(rows) <= limit:
+        return _call_splitting(task, rows)
+    return _concat([_call_splitting(task, rows[i:i + limit])
+                    for i in range(0, len(rows), limit)])
+
+
+def _call_splitting(task: BatchedTaskLike, rows: Sequence[tuple[Any, ...]]) -> Any:
+    oom_errors = task._batch_spec.oom_errors
     try:
-        return _call_once(task, rows)
+        returned = _call_once(task, rows)
     except BatchSetupError as exc:
         return [exc] * len(rows)  # no item is to blame: splitting would re-run setup() per half
     except Exception as exc:
-        if task.isolate_failures and len(rows) > 1:
+        out_of_memory = bool(oom_errors) and is_oom(exc, oom_errors)
+        if out_of_memory:
+            free_cuda_cache()
+            fit_limit(task).out_of_memory(len(rows))
+        if (out_of_memory or task.isolate_failures) and len(rows) > 1:
             mid = len(rows) // 2
-            return (list(call_batch(task, rows[:mid]))
-                    + list(call_batch(task, rows[mid:])))
+            return _concat([_call_splitting(task, rows[:mid]), _call_splitting(task, rows[mid:])])
         return [exc] * len(rows)
+    if oom_errors:
+        fit_limit(task).succeeded(len(rows))
+    return returned
+
+
+def _concat(parts: list[Any]) -> Any:
+    """Outcomes of consecutive chunks, as one array when every chunk returned an array."""
+    if all(type(p).__name__ == "ndarray" for p in parts):
+        import numpy
+        return numpy.concatenate(parts)
+    out: list[Any] = []
+    for part in parts:
+        out += list(part)
+    return out
 
 
 def _call_once(task: BatchedTaskLike, rows: Sequence[tuple[Any, ...]]) -> Any:

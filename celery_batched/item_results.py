@@ -53,8 +53,10 @@ class ItemOutcomes:
         self.positions: list[int] = []
         self._contexts: dict[int, Any] = {}
 
-    def decode_and_bind(self) -> list[tuple[int, tuple[Any, ...]]]:
-        """Decode every body and bind it to the function's parameters; bad items fail alone."""
+    def decode_and_bind(self, errors: dict[int, BaseException] | None = None,
+                        ) -> list[tuple[int, tuple[Any, ...]]]:
+        """Decode every body and bind it to the function's parameters; bad items fail alone, as
+        do the items of ``errors``."""
         task = self.task
         accept = _accept_cache.get(id(task.app))
         if accept is None:
@@ -70,6 +72,9 @@ class ItemOutcomes:
                     f"{task.name}[{headers.get('id')}]: this item's message body could not be "
                     f"decoded as {content_type}: {type(exc).__name__}: {exc}. Send it with the "
                     f"task's serializer (accept_content={sorted(accept)}).")
+                continue
+            if errors and i in errors:
+                self.errors[i] = errors[i]
                 continue
             try:
                 rows.append((i, bind(args, kwargs)))

@@ -37,7 +37,8 @@ class Item:
     """A message in a batched task's buffer (or batch), with a ``Request``'s identity."""
 
     __slots__ = ("message", "id", "headers", "source", "_request", "time_start", "worker_pid",
-                 "eventer", "buffered_at", "_terminate_on_accept", "__weakref__")
+                 "eventer", "buffered_at", "_terminate_on_accept", "payload", "error",
+                 "__weakref__")
 
     def __init__(self, message: Any, headers: dict[str, Any], source: ItemSource,
                  request: Any = None) -> None:
@@ -51,6 +52,10 @@ class Item:
         self.eventer: Any = None
         self.buffered_at = time.monotonic()
         self._terminate_on_accept: tuple[Any, Any] | None = None
+        #: ``(args, kwargs, embed)`` when the consumer decoded the body (``batch_key``/``batch_cost``).
+        self.payload: tuple[Any, ...] | None = None
+        #: Why this item fails without running (its key or cost could not be computed).
+        self.error: BaseException | None = None
 
     @property
     def task(self) -> Any:
@@ -82,7 +87,9 @@ class Item:
         req, message = self._request, self.message
         body = message.body
         content_type, content_encoding = message.content_type, message.content_encoding
-        if req is not None and req._decoded:  # built from a legacy message: decoded already
+        if self.payload is not None:  # decoded by the consumer for its key or cost
+            body, content_type, content_encoding = self.payload, None, None
+        elif req is not None and req._decoded:  # built from a legacy message: decoded already
             body, content_type, content_encoding = req._payload, None, None
         return (self.headers, body, content_type, content_encoding,
                 worker.delivery_details(message))

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from .errors import BatchedTaskDefinitionError, BatchedTaskOptionError, ItemArgumentsError
+from .policies import (DEFAULT_MAX_OPEN_KEYS, DEFAULT_OOM_ERRORS, ItemPolicy, check_cost_bound,
+                       check_max_latency_ms, check_max_open_keys, item_policy, resolve_oom_errors)
 
 DEFAULT_MAX_BATCH_SIZE: Final = 64
 DEFAULT_WAIT_MS: Final = 20
@@ -57,12 +59,27 @@ class BatchSpec:
     defaults: tuple[Any, ...]
     is_async: bool
     _index: Mapping[str, int] = field(repr=False)
+    #: ``batch_key`` / ``batch_cost`` evaluated per item on the consumer (``policies.py``).
+    policy: ItemPolicy | None = None
+    max_open_keys: int = DEFAULT_MAX_OPEN_KEYS
+    max_batch_cost: float | None = None
+    max_latency_ms: float | None = None
+    #: Exceptions on which a batch is split in halves and re-run (``policies.is_oom``).
+    oom_errors: tuple[Any, ...] = ()
 
     @classmethod
     def from_function(cls, fun: Callable[..., Any], *, skip_first: bool, task_name: str,
-                      max_batch_size: object, wait_ms: object) -> BatchSpec:
+                      max_batch_size: object, wait_ms: object, batch_key: object = None,
+                      max_open_keys: object = DEFAULT_MAX_OPEN_KEYS, batch_cost: object = None,
+                      max_batch_cost: object = None, max_latency_ms: object = None,
+                      wait_ms_set: bool = False,
+                      oom_errors: object = DEFAULT_OOM_ERRORS) -> BatchSpec:
         size = check_max_batch_size(max_batch_size, task_name)
         wait = check_wait_ms(wait_ms, task_name)
+        open_keys = check_max_open_keys(max_open_keys, task_name)
+        cost_bound = check_cost_bound(batch_cost, max_batch_cost, task_name)
+        latency = check_max_latency_ms(max_latency_ms, wait_ms_set, task_name)
+        oom = resolve_oom_errors(oom_errors, task_name)
         try:
             sig = inspect.signature(fun)
         except (TypeError, ValueError) as exc:
@@ -89,7 +106,10 @@ class BatchSpec:
         index = {n: i for i, n in enumerate(names) if n not in positional_only}
         return cls(task_name=task_name, max_batch_size=size, wait_ms=wait, param_names=names,
                    n_positional=n_positional, defaults=defaults,
-                   is_async=inspect.iscoroutinefunction(fun), _index=index)
+                   is_async=inspect.iscoroutinefunction(fun), _index=index,
+                   policy=item_policy(task_name, names, n_positional, batch_key, batch_cost),
+                   max_open_keys=open_keys, max_batch_cost=cost_bound, max_latency_ms=latency,
+                   oom_errors=oom)
 
     @property
     def wait_s(self) -> float:

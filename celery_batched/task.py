@@ -13,6 +13,7 @@ from .bootstep import BatchingStep
 from .encoding import plain
 from .execution import call_batch
 from .outcomes import RetryItem
+from .policies import DEFAULT_MAX_OPEN_KEYS, DEFAULT_OOM_ERRORS
 from .spec import DEFAULT_MAX_BATCH_SIZE, DEFAULT_WAIT_MS, BatchSpec
 from .submit import ItemResults, starmap_items
 
@@ -35,6 +36,20 @@ class BatchedTask(Task):
     wait_ms: ClassVar[float] = DEFAULT_WAIT_MS
     #: When the whole call raises, re-run the batch split in halves to isolate the failing items.
     isolate_failures: ClassVar[bool] = False
+    #: Items with different keys never share a batch: a parameter's name, or a function called
+    #: with one item's arguments (e.g. ``lambda text: min(len(text) // 64, 7)``).
+    batch_key: ClassVar[Any] = None
+    #: At most this many keys have items waiting; a new key flushes the oldest waiting batch.
+    max_open_keys: ClassVar[int] = DEFAULT_MAX_OPEN_KEYS
+    #: A function of one item's arguments giving its cost (say, its tokens) ...
+    batch_cost: ClassVar[Any] = None
+    #: ... and the most a batch may cost in total; an item costing more runs alone.
+    max_batch_cost: ClassVar[float | None] = None
+    #: A latency target (ms) for wait + execution, instead of a fixed ``wait_ms``.
+    max_latency_ms: ClassVar[float | None] = None
+    #: Exceptions on which the batch is split in halves and re-run, down to single items (the
+    #: default: ``MemoryError`` and ``torch.cuda.OutOfMemoryError``); ``()`` never splits.
+    oom_errors: ClassVar[Any] = DEFAULT_OOM_ERRORS
     #: Messages are acknowledged after their results are stored: at-least-once delivery.
     acks_late = True
 
@@ -50,7 +65,12 @@ class BatchedTask(Task):
         fun = run.__func__ if isinstance(run, (staticmethod, classmethod)) else run
         cls._batch_spec = BatchSpec.from_function(
             fun, skip_first=not isinstance(run, staticmethod), task_name=name,
-            max_batch_size=cls.max_batch_size, wait_ms=cls.wait_ms)
+            max_batch_size=cls.max_batch_size, wait_ms=cls.wait_ms,
+            batch_key=_option(cls, "batch_key"), max_open_keys=cls.max_open_keys,
+            batch_cost=_option(cls, "batch_cost"), max_batch_cost=cls.max_batch_cost,
+            max_latency_ms=cls.max_latency_ms,
+            wait_ms_set=any("wait_ms" in k.__dict__ for k in cls.__mro__ if k is not BatchedTask),
+            oom_errors=cls.oom_errors)
         app = cls.__dict__.get("app")
         if isinstance(app, Celery):
             _install_bootstep(app)
@@ -98,6 +118,12 @@ class BatchedTask(Task):
         finally:
             if pushed:
                 self.pop_request()
+
+
+def _option(cls: type, name: str) -> Any:
+    """A function-valued option as given (``staticmethod`` unwrapped, never bound)."""
+    value = inspect.getattr_static(cls, name)
+    return value.__func__ if isinstance(value, (staticmethod, classmethod)) else value
 
 
 def _install_bootstep(app: Celery) -> None:

@@ -5,6 +5,8 @@
   (float16 on a GPU, float32 on the CPU); it returns the batch's NumPy array, one row per item.
   ``EXAMPLE_EMBED_BATCH_SIZE`` (default 32) sets its ``max_batch_size`` when this module is
   imported: a GPU wants bigger batches (128) than a CPU.
+* ``embed_bucketed`` -- ``embed`` with length buckets (``batch_key``): short and long texts
+  never share a forward pass, so short ones aren't padded to the longest.
 * ``embed_one`` -- an ordinary task, one forward pass per item: the baseline ``embed`` beats.
 """
 
@@ -48,6 +50,21 @@ class Embed(BatchedTask):
 
 
 embed = app.register_task(Embed())
+
+
+def length_bucket(text: str) -> int:
+    """Buckets of 64 characters (about 16 tokens), the last one open-ended."""
+    return min(len(text) // 64, 7)
+
+
+class EmbedBucketed(Embed):
+    """``embed`` whose batches hold texts of one length bucket each."""
+
+    name = "example_project.embed_bucketed"
+    batch_key = length_bucket
+
+
+embed_bucketed = app.register_task(EmbedBucketed())
 
 
 @app.task(name="example_project.embed_one")

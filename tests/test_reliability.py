@@ -297,7 +297,8 @@ def test_unacked_stay_bounded_under_every_prefetch_setting(setting, queue, redis
     client.close()
     report.add(f"drain {n} with {what}", broker_name, n, _final(results),
                sum(1 for c in runs(redis_client).values() if c > 1),
-               f"max unacked {max(unacked)} (bound {bound}), {len(pids)} process(es), "
+               f"max unacked {max(unacked)} (bound {bound}"
+               f"{f' + {slack}, sampled count' if slack else ''}), {len(pids)} process(es), "
                f"mean batch {sum(sizes) / len(sizes):.1f}")
 
 
