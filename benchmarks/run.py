@@ -508,7 +508,7 @@ def mean_batch(stats: dict[str, Any] | None, before: dict[str, Any] | None = Non
 def size_histogram(stats: dict[str, Any] | None, top: int = 4) -> str:
     if not stats:
         return "n/a"
-    sizes = sorted(((int(k), v) for k, v in stats["batch_sizes"].items()), key=lambda kv: -kv[1])
+    sizes = sorted(((int(k), v) for k, v in stats["batch_sizes"]), key=lambda kv: -kv[1])
     return ", ".join(f"{k}×{v}" for k, v in sizes[:top]) + (" …" if len(sizes) > top else "")
 
 

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+from ._internals.events import register_batch_fields as _register_batch_fields
 from .bootstep import BatchingStep
 from .errors import (BatchedTaskDefinitionError, BatchedTaskOptionError, BatchingNotInstalledError,
                      BatchResultError, BatchSetupError, CeleryBatchedError, ItemArgumentsError,
@@ -32,3 +33,6 @@ __all__ = [
     "ItemResultEncodeError",
 ]
 __version__ = "0.1.0"
+
+# Flower and `celery events` (celery.events.state) list the batch fields of each item's events.
+_register_batch_fields()

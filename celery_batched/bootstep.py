@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections import Counter
 from typing import Any
 
 from celery import bootsteps
 from celery.utils.log import get_logger
-from celery.worker.control import Panel, control_command, inspect_command
 
+from . import control  # noqa: F401  (registers the remote-control commands)
 from ._internals import worker
 from ._internals.kombu_redis import install_bulk_fetch
 from .buffer import INVALID, BatchBuffer
@@ -27,6 +26,8 @@ from .completion import Completion
 from .consumer_thread import ConsumerThread
 from .dispatch import Batch, BatchDispatcher
 from .latency import LatencyModel
+from .metrics import BatchMetrics
+from .records import TaskRecord
 from .prefetch import Prefetch
 from .worker_checks import check_result_serializer, check_worker
 from .writer import ResultWriter
@@ -51,8 +52,9 @@ class BatchingStep(bootsteps.StartStopStep):
         self.consumer = c
         check_result_serializer(c.app)  # before Celery builds its result backend (the banner)
         self.buffers: dict[str, BatchBuffer] = {}
-        self.batch_sizes: dict[str, Counter[int]] = {}
-        self.flush_reasons: dict[str, Counter[str]] = {}
+        self.records: dict[str, TaskRecord] = {}
+        #: Prometheus metrics, when ``batching_metrics_port`` is set (``metrics.py``).
+        self.metrics: BatchMetrics | None = None
         self.latency_models: dict[str, LatencyModel] = {}
         self.thread: ConsumerThread | None = None
         self.writer: ResultWriter | None = None
@@ -68,8 +70,12 @@ class BatchingStep(bootsteps.StartStopStep):
             self.thread = ConsumerThread(c, self.thread_lock)
             self.writer = ResultWriter(on_written=self._written)
             self.thread.before_close(lambda: self._drain_writer())
+            port = c.app.conf.get("batching_metrics_port")
+            if port:
+                self.metrics = BatchMetrics(self._buffered)
+                self.metrics.serve(int(port), c.app.conf.get("batching_metrics_addr") or "127.0.0.1")
             self.dispatcher = BatchDispatcher(
-                c, self.thread, Completion(c, self.thread.call_ack), self.writer,
+                c, self.thread, Completion(c, self.thread.call_ack, self.metrics), self.writer,
                 self.slots, on_batch=self._count_batch, on_slot_free=self._flush_due,
                 on_executed=self._executed)
         else:
@@ -165,6 +171,8 @@ class BatchingStep(bootsteps.StartStopStep):
             self.thread.close()
         if self.writer is not None:
             self.writer.stop()
+        if self.metrics is not None:
+            self.metrics.stop()
 
     def _drain_writer(self) -> None:
         if self.writer is not None and not self.writer.drain(SHUTDOWN_DRAIN_S):
@@ -181,30 +189,53 @@ class BatchingStep(bootsteps.StartStopStep):
             buffer.flush_if_due()
 
     def _executed(self, batch: Batch, reply: Any) -> None:
-        latency = self.latency_models.get(batch.task.name)
+        name = batch.task.name
+        self.records[name].executed(reply.runtime)
+        latency = self.latency_models.get(name)
         if latency is not None and batch.reason != INVALID:
             latency.observe(len(batch.items), reply.runtime)
 
     def _count_batch(self, batch: Batch) -> None:
         name = batch.task.name
-        self.batch_sizes.setdefault(name, Counter())[len(batch.items)] += 1
-        self.flush_reasons.setdefault(name, Counter())[batch.reason] += 1
+        record = self.records.get(name)
+        if record is None:
+            record = self.records[name] = TaskRecord()
+        record.flushed(batch)
+        if self.metrics is not None:
+            self.metrics.flushed(batch)
+
+    def reconfigure(self, task: Any, changes: dict[str, Any]) -> dict[str, Any]:
+        """``configure_batching``: new options for ``task`` on this worker, from now on."""
+        with self.thread_lock:
+            spec = task._batch_spec.reconfigured(changes)
+            task._batch_spec = spec  # this process only: the pool's copy binds, never buffers
+            buffer = self.buffers.get(task.name)
+            if buffer is not None:
+                buffer.reconfigure(spec)
+            latency = self.latency_models.get(task.name)
+            if latency is not None and spec.max_latency_ms is not None:
+                latency.reconfigure(spec.max_latency_ms, spec.max_batch_size)
+        logger.info("celery_batched: %s reconfigured: %s", task.name,
+                    " ".join(f"{k}={v}" for k, v in sorted(changes.items())))
+        return spec.settings()
+
+    def _buffered(self) -> dict[str, int]:
+        return {name: len(buffer) for name, buffer in list(self.buffers.items())}
 
     def info(self, c: Any) -> dict[str, Any]:
         return {"batching": self.stats()}
 
     def stats(self) -> dict[str, Any]:
         out = {}
-        for name in {**self.batch_sizes, **self.buffers}:
-            sizes = self.batch_sizes.get(name, Counter())
+        for name in {**self.records, **self.buffers}:
+            record = self.records.get(name) or TaskRecord()
             buffer = self.buffers.get(name)
+            task = self.consumer.app.tasks.get(name)
             out[name] = {
-                "batches": sum(sizes.values()),
-                "items": sum(size * n for size, n in sizes.items()),
-                "batch_sizes": {str(size): n for size, n in sorted(sizes.items())},
-                "flush_reasons": dict(self.flush_reasons.get(name, {})),
+                **record.snapshot(),
                 "buffered": len(buffer) if buffer else 0,
                 "held": buffer.credit.held if buffer else 0,
+                "settings": task._batch_spec.settings() if task is not None else None,
             }
             if buffer is not None and buffer.spec.policy is not None:
                 out[name]["open_keys"] = buffer.open_keys
@@ -224,30 +255,3 @@ class _LockedTimer:
             with self.lock:
                 fun(*a)
         return self.timer.call_after(secs, locked, args)
-
-
-@inspect_command()
-def batching_stats(state: Any, **kwargs: Any) -> dict[str, Any]:
-    """Batches run per batched task: counts, batch-size histogram, messages buffered and held.
-
-    ``celery_batched.batching_stats(app)`` or ``celery -A proj inspect batching_stats``.
-    """
-    batching = getattr(state.consumer, "batching", None)
-    return batching.stats() if batching is not None else {}
-
-
-_celery_rate_limit = Panel.data["rate_limit"]
-
-
-@control_command(
-    args=[("task_name", str), ("rate_limit", str)],
-    signature="<task_name> <rate_limit (e.g., 5/s | 5/m | 5/h)>",
-)
-def rate_limit(state: Any, task_name: str, rate_limit: str, **kwargs: Any) -> Any:
-    """Celery's ``rate_limit`` command, which refuses batched tasks instead of ignoring them."""
-    task = state.app.tasks.get(task_name)
-    if task is not None and getattr(task, "_batch_spec", None) is not None:
-        return {"error": f"{task_name} is a batched task: rate limits don't apply to it (a batch "
-                         f"is the unit of work); bound its throughput with max_batch_size and the "
-                         f"number of pool processes instead"}
-    return _celery_rate_limit(state, task_name, rate_limit, **kwargs)

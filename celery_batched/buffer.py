@@ -36,6 +36,7 @@ from .spec import BatchSpec
 #: Why a batch was flushed (logs, stats).
 SIZE, WAIT, SLOT_FREE = "size", "wait_ms", "slot free"
 COST, KEY_LIMIT, LATENCY, INVALID = "max_batch_cost", "max_open_keys", "latency target", "invalid item"
+RECONFIGURED = "reconfigured"
 
 
 class TimerLike(Protocol):
@@ -141,6 +142,31 @@ class BatchBuffer:
             batch.deadline = deadline
             batch.timer = self._timer.call_after(
                 max(0.0, deadline - now), self._on_timer, (key, batch.generation))
+
+    def reconfigure(self, spec: BatchSpec) -> None:
+        """New options on a running worker (``configure_batching``). Open batches that are now
+        full or over the cost bound are flushed at once, in batches of the new size; clocks
+        already running keep their deadline."""
+        flushes: list[list[Any]] = []
+        with self._lock:
+            self.spec = spec
+            self._max_size = spec.max_batch_size
+            self._max_cost = spec.max_batch_cost
+            self._max_keys = spec.max_open_keys
+            if self.latency is not None and spec.max_latency_ms is not None:
+                self.latency.reconfigure(spec.max_latency_ms, spec.max_batch_size)
+            for key in list(self._open):
+                batch = self._open[key]
+                over_cost = self._max_cost is not None and batch.cost >= self._max_cost
+                if len(batch.items) >= self._max_size or over_cost:
+                    items = self._take(key)
+                    flushes += [items[i:i + self._max_size]
+                                for i in range(0, len(items), self._max_size)]
+            while len(self._open) > self._max_keys:
+                flushes.append(self._take(next(iter(self._open))))
+        self.credit.resize(spec.max_batch_size)
+        for items in flushes:
+            self._flush(items, self.credit, RECONFIGURED)
 
     def take_all(self) -> list[Any]:
         """Empty the buffer without flushing (the worker is stopping or lost its connection)."""

@@ -16,6 +16,7 @@ from typing import Any
 from celery.utils.log import get_logger
 
 from ._internals import worker
+from ._internals.events import BatchEventer
 from ._internals.kombu_redis import ack_many
 from ._wire import DONE, FAILED, RETRIED, STORE, UNSTORED, BatchReply
 from .writer import Written
@@ -26,9 +27,11 @@ logger = get_logger("celery_batched.batches")
 class Completion:
     """What the consumer does when a batch starts, finishes, fails or times out."""
 
-    def __init__(self, consumer: Any, ack: Callable[..., None]) -> None:
+    def __init__(self, consumer: Any, ack: Callable[..., None], metrics: Any = None) -> None:
         self.consumer = consumer
         self._ack = ack  # ConsumerThread.call_ack
+        #: ``metrics.BatchMetrics`` when ``batching_metrics_port`` is set.
+        self.metrics = metrics
 
     def _events_on(self, task: Any) -> bool:
         return worker.task_events_on(self.consumer.event_dispatcher, task)
@@ -44,7 +47,7 @@ class Completion:
         if self._events_on(batch.task):
             send = self.consumer.event_dispatcher.send
             for item in items:
-                send("task-started", uuid=item.id)
+                send("task-started", uuid=item.id, **batch_fields(batch, item))
 
     def finished(self, batch: Any, reply: BatchReply, written: Written | None) -> None:
         """Every item's outcome is recorded (or could not be): acknowledge, report, release."""
@@ -52,7 +55,10 @@ class Completion:
         acks_late = task.acks_late
         send = self.consumer.event_dispatcher.send if self._events_on(task) else None
         done: list[Any] = []
-        handed_back = 0
+        handed_back = failed = 0
+        # Each item's share of the batch's time: summed over items (Flower's runtime metric),
+        # it is the time the batch took, not n times that. The whole is ``batch_runtime``.
+        share = reply.runtime / len(items)
         written_iter = iter(written or ())
         for i, code in enumerate(reply.codes):
             item = items[i]
@@ -63,9 +69,12 @@ class Completion:
             if code == DONE:
                 done.append(item)
                 if send is not None:
-                    send("task-succeeded", uuid=item.id, result=extra, runtime=reply.runtime)
+                    send("task-succeeded", uuid=item.id, result=extra, runtime=share,
+                         batch_runtime=round(reply.runtime, 6), **batch_fields(batch, item))
             elif code in (FAILED, RETRIED):
-                _guard(item.request().on_success, (1, extra, reply.runtime))
+                failed += code == FAILED
+                _guard(self._request(batch, item, send is not None).on_success,
+                       (1, extra, share))
                 worker.task_ready(item)
             elif code == UNSTORED:
                 handed_back += 1
@@ -80,13 +89,19 @@ class Completion:
             logger.warning("celery_batched: batch %s of %s: %d item(s) handed back to the broker: "
                            "their outcome could not be stored", batch.id, task.name, handed_back)
         self._log(batch, reply, len(done))
+        if self.metrics is not None:
+            self.metrics.finished(batch, reply.runtime, len(done), failed,
+                                  len(items) - len(done) - failed - handed_back, handed_back)
         batch.credit.release(len(items))
 
     def failed(self, batch: Any, exc_info: Any) -> None:
         """The pool lost the job (worker lost, terminated, hard time limit): Celery's handling."""
+        events = self._events_on(batch.task)
         for item in batch.items:
-            _guard(item.request().on_failure, exc_info)
+            _guard(self._request(batch, item, events).on_failure, exc_info)
             worker.task_ready(item)
+        if self.metrics is not None:
+            self.metrics.finished(batch, None, 0, len(batch.items), 0, 0)
         logger.error("celery_batched: batch %s of %d %s failed in the pool: %r", batch.id,
                      len(batch.items), batch.task.name, getattr(exc_info, "exception", exc_info))
         batch.credit.release(len(batch.items))
@@ -99,6 +114,14 @@ class Completion:
         for item in batch.items:
             _guard(item.request().on_timeout, soft, timeout)
             worker.task_ready(item)
+
+    @staticmethod
+    def _request(batch: Any, item: Any, events: bool) -> Any:
+        """The item's Celery ``Request``, whose own events carry the batch fields."""
+        req = item.request()
+        if events and not isinstance(req._eventer, BatchEventer):
+            req._eventer = BatchEventer(req._eventer, batch_fields(batch, item))
+        return req
 
     def _log(self, batch: Any, reply: BatchReply, succeeded: int) -> None:
         if logger.isEnabledFor(logging.INFO):
@@ -120,3 +143,9 @@ def _guard(handler: Callable[..., Any], *args: Any) -> None:
     except Exception:
         logger.exception("celery_batched: %s raised", getattr(handler, "__qualname__", handler))
 
+
+
+def batch_fields(batch: Any, item: Any) -> dict[str, Any]:
+    """Which batch an item ran in, for its events (``_internals.events.BATCH_FIELDS``)."""
+    return {"batch_id": batch.id, "batch_size": len(batch.items), "flush_reason": batch.reason,
+            "buffer_wait_ms": round((batch.flushed_at - item.buffered_at) * 1000.0, 1)}

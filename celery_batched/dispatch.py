@@ -19,7 +19,7 @@ from celery.utils.log import get_logger
 from ._internals import worker
 from ._wire import STORE, BatchReply
 from .buffer import INVALID
-from .completion import Completion
+from .completion import Completion, batch_fields
 from .consumer_thread import ConsumerThread
 from .execution import execute_batch
 from .prefetch import TaskCredit
@@ -67,6 +67,7 @@ class BatchDispatcher:
         self.on_slot_free = on_slot_free
         self.on_executed = on_executed
         self.in_flight = 0
+        self.result_extended = bool(consumer.app.conf.find_value_for_key("extended", "result"))
 
     def pool_busy(self) -> bool:
         """Every pool process has a batch (running, or queued for it)."""
@@ -88,7 +89,8 @@ class BatchDispatcher:
             self.pool.apply_async(
                 execute_batch,
                 args=(task, [it.wire() for it in live], batch.want_repr, self.hostname,
-                      _preset_errors(live) if reason == INVALID else None),
+                      _preset_errors(live) if reason == INVALID else None,
+                      _batch_meta(batch) if self.result_extended else None),
                 accept_callback=lambda pid, t: call(self.completion.accepted, batch, pid, t),
                 callback=lambda reply: call(self._done, batch, reply),
                 error_callback=lambda exc_info: call(self._failed, batch, exc_info),
@@ -105,6 +107,8 @@ class BatchDispatcher:
                 worker.task_ready(it)
             credit.release(len(live))
             self.in_flight -= 1
+            if self.completion.metrics is not None:
+                self.completion.metrics.finished(batch, None, 0, 0, 0, len(live))
 
     def _done(self, batch: Batch, reply: Any) -> None:
         self.in_flight -= 1
@@ -133,3 +137,8 @@ def _preset_errors(items: Sequence[Any]) -> dict[int, BaseException] | None:
     """Items that fail without running: their ``batch_key``/``batch_cost`` raised."""
     errors = {i: it.error for i, it in enumerate(items) if it.error is not None}
     return errors or None
+
+
+def _batch_meta(batch: Batch) -> dict[str, dict[str, Any]]:
+    """``result_extended``: the batch fields each item's stored result meta carries."""
+    return {it.id: batch_fields(batch, it) for it in batch.items}

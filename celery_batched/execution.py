@@ -19,6 +19,7 @@ from typing import Any
 
 from celery import signals
 
+from ._internals import trace
 from ._types import BatchedTaskLike
 from ._wire import BatchReply, WireItem
 from .errors import BatchResultError, BatchSetupError
@@ -33,14 +34,20 @@ logger = logging.getLogger(__name__)
 
 def execute_batch(task: BatchedTaskLike, items: Sequence[WireItem], want_repr: bool = False,
                   hostname: str | None = None,
-                  errors: dict[int, BaseException] | None = None) -> BatchReply:
+                  errors: dict[int, BaseException] | None = None,
+                  batch_meta: dict[str, dict[str, Any]] | None = None) -> BatchReply:
     """Pool entry point: run one batch and answer with one code per item. ``errors``: items
     that fail without running (the consumer could not compute their key or cost).
+    ``batch_meta``: with ``result_extended``, each item's batch fields for its stored metas.
 
     Never raises for a batch's own trouble: the threads and solo pools would lose the job.
     """
     started = time.monotonic()
     outcomes = ItemOutcomes(task, items, hostname, want_repr)
+    meta_token = None
+    if batch_meta:
+        trace.add_batch_meta(task.backend)
+        meta_token = trace.set_batch_meta(batch_meta)
     try:
         rows = outcomes.decode_and_bind(errors)
         if task.track_started or signals.task_prerun.receivers:
@@ -55,6 +62,8 @@ def execute_batch(task: BatchedTaskLike, items: Sequence[WireItem], want_repr: b
                          task.name, len(items))
         return outcomes.fail_all(exc, time.monotonic() - started)
     finally:
+        if meta_token is not None:
+            trace.reset_batch_meta(meta_token)
         task.backend.process_cleanup()
 
 

@@ -34,6 +34,10 @@ class LatencyModel:
         self._last_arrival: dict[object, float] = {}
         self._gap: dict[object, float] = {}
 
+    def reconfigure(self, target_ms: float, max_batch_size: int) -> None:
+        self.target_s = target_ms / 1000.0
+        self.max_batch_size = max_batch_size
+
     def observe(self, n: int, seconds: float) -> None:
         """One batch of ``n`` items took ``seconds`` to execute."""
         keep = 1.0 - ALPHA

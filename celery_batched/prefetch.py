@@ -91,6 +91,11 @@ class TaskCredit:
         self._used = True
         self._settle()
 
+    def resize(self, max_batch_size: int) -> None:
+        """The task's ``max_batch_size`` changed on a running worker: so do cap and headroom."""
+        self.max_batch_size = max_batch_size
+        self._settle()
+
     def release(self, n: int) -> None:
         self.held = max(0, self.held - n)
         self._settle()

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Final
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar, Final
 
 from .errors import BatchedTaskDefinitionError, BatchedTaskOptionError, ItemArgumentsError
 from .policies import (DEFAULT_MAX_OPEN_KEYS, DEFAULT_OOM_ERRORS, ItemPolicy, check_cost_bound,
@@ -111,6 +111,64 @@ class BatchSpec:
                    max_open_keys=open_keys, max_batch_cost=cost_bound, max_latency_ms=latency,
                    oom_errors=oom)
 
+    #: What ``reconfigured`` (remote control: ``configure_batching``) may change.
+    RECONFIGURABLE: ClassVar[tuple[str, ...]] = (
+        "max_batch_size", "wait_ms", "max_latency_ms", "max_batch_cost", "max_open_keys")
+
+    def reconfigured(self, changes: Mapping[str, object]) -> BatchSpec:
+        """This spec with some options changed on a running worker, checked as at definition.
+
+        Values may be strings (from the command line). Switching between ``wait_ms`` and
+        ``max_latency_ms``, or adding a cost bound to a task without ``batch_cost``, needs a
+        new definition.
+        """
+        name = self.task_name
+        unknown = sorted(set(changes) - set(self.RECONFIGURABLE))
+        if unknown:
+            raise BatchedTaskOptionError(
+                f"{name}: can't change {', '.join(unknown)} on a running worker; "
+                f"these can be: {', '.join(self.RECONFIGURABLE)}")
+        values = {k: _number(v, k, name) for k, v in changes.items()}
+        if "wait_ms" in values and self.max_latency_ms is not None:
+            raise BatchedTaskOptionError(
+                f"{name} batches with max_latency_ms: change max_latency_ms, not wait_ms")
+        if "max_latency_ms" in values and self.max_latency_ms is None:
+            raise BatchedTaskOptionError(
+                f"{name} batches with wait_ms: change wait_ms (switching to max_latency_ms "
+                f"needs a new definition of the task)")
+        if "max_batch_cost" in values and self.max_batch_cost is None:
+            raise BatchedTaskOptionError(
+                f"{name} has no batch_cost: max_batch_cost needs batch_cost in its definition")
+        new: dict[str, Any] = {}
+        if "max_batch_size" in values:
+            new["max_batch_size"] = check_max_batch_size(values["max_batch_size"], name)
+        if "wait_ms" in values:
+            new["wait_ms"] = check_wait_ms(values["wait_ms"], name)
+        if "max_latency_ms" in values:
+            new["max_latency_ms"] = check_max_latency_ms(values["max_latency_ms"], False, name)
+        if "max_batch_cost" in values:
+            new["max_batch_cost"] = check_cost_bound(True, values["max_batch_cost"], name)
+        if "max_open_keys" in values:
+            new["max_open_keys"] = check_max_open_keys(values["max_open_keys"], name)
+        return replace(self, **new)
+
+    def settings(self) -> dict[str, Any]:
+        """The batching options in force, for ``inspect batching_config``."""
+        out: dict[str, Any] = {"max_batch_size": self.max_batch_size}
+        if self.max_latency_ms is None:
+            out["wait_ms"] = self.wait_ms
+        else:
+            out["max_latency_ms"] = self.max_latency_ms
+        if self.policy is not None and (self.policy.key_fn or self.policy.key_param is not None):
+            policy = self.policy
+            out["batch_key"] = (policy.param_names[policy.key_param] if policy.key_param is not None
+                                else getattr(policy.key_fn, "__qualname__", repr(policy.key_fn)))
+            out["max_open_keys"] = self.max_open_keys
+        if self.max_batch_cost is not None:
+            out["max_batch_cost"] = self.max_batch_cost
+        out["oom_errors"] = [_exc_name(e) for e in self.oom_errors]
+        return out
+
     @property
     def wait_s(self) -> float:
         return self.wait_ms / 1000.0
@@ -153,3 +211,23 @@ class BatchSpec:
 
     def _describe(self) -> str:
         return ", ".join(self.param_names)
+
+
+def _number(value: object, option: str, task_name: str) -> object:
+    """A command-line string as the int or float it spells; anything else as given."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        try:
+            return float(value)
+        except ValueError:
+            raise BatchedTaskOptionError(
+                f"{task_name}: {option}={value!r} is not a number") from None
+
+
+def _exc_name(kind: Any) -> str:
+    if isinstance(kind, tuple):
+        return ".".join(kind)
+    return f"{kind.__module__}.{kind.__qualname__}".removeprefix("builtins.")

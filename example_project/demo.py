@@ -206,8 +206,8 @@ def batching_stats(app: Any, hostname: str) -> dict[str, Any] | None:
 
 
 def sizes_of(stats: dict[str, Any] | None, task_name: str) -> Counter[int]:
-    sizes = ((stats or {}).get(task_name) or {}).get("batch_sizes") or {}
-    return Counter({int(size): n for size, n in sizes.items()})
+    sizes = ((stats or {}).get(task_name) or {}).get("batch_sizes") or []
+    return Counter({int(size): n for size, n in sizes})
 
 
 # --------------------------------------------------------------------------- waiting for results

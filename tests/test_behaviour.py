@@ -214,11 +214,22 @@ def test_batching_stats_api_and_cli(redis_client, queue, start_worker):
         return batching_stats(behaviour.app, timeout=2.0,
                               destination=[worker.hostname]).get(worker.hostname, {}).get(name, {})
 
-    expected = {"batches": 3, "items": 11, "batch_sizes": dict(recorded),
+    expected = {"batches": 3, "items": 11, "batch_sizes": [[3, 1], [4, 2]],
                 "flush_reasons": {"size": 2, "wait_ms": 1}, "buffered": 0, "held": 0}
+    assert sorted(recorded.items()) == [("3", 1), ("4", 2)]
     wait_for(lambda: stats().get("batches") == 3, 10, what="3 batches in batching_stats")
     time.sleep(0.3)  # idle: the last batch's acks are done
-    assert stats() == expected
+    got = stats()
+    recent = got.pop("recent")
+    assert {k: got[k] for k in expected} == expected
+    assert got["settings"] == {"max_batch_size": 4, "wait_ms": behaviour.counted.wait_ms,
+                               "oom_errors": got["settings"]["oom_errors"]}
+    assert recent["batches"] == 3
+    assert recent["batch_size"] == {"p50": 4.0, "p99": 4.0, "max": 4.0}
+    assert 0 < recent["execution_ms"]["p50"] <= recent["execution_ms"]["max"]
+    # The last batch's 3 items waited wait_ms; the full batches' items hardly at all.
+    assert recent["buffer_wait_ms"]["max"] >= behaviour.counted.wait_ms * 0.9
+    expected = {**got, "recent": recent}
 
     out = subprocess.run(
         [sys.executable, "-m", "celery", "-A", APP, "inspect", "batching_stats",
@@ -433,6 +444,11 @@ def test_acks_run_on_the_consumer_thread_with_a_threads_pool(redis_client, queue
     assert results.get(timeout=30) == [x + 7 for x in range(200)]
     ids = {r.id for r in results}
     wait_for(lambda: not ids & unacked_ids(redis_client), 10, what="every message acknowledged")
+
+    def acks_recorded() -> int:  # each ack is recorded just after it left the unacked index
+        return sum(1 for r in redis_client.lrange("ack-threads", 0, -1) if r.startswith(b"QoS.ack:"))
+
+    wait_for(lambda: acks_recorded() >= 200, 10, what="200 recorded acknowledgements")
     records = [r.decode() for r in redis_client.lrange("ack-threads", 0, -1)]
     assert records, "no acknowledgement was recorded"
     threads = Counter(r.split(":", 1)[1] for r in records)

@@ -36,7 +36,7 @@ MIRRORED = [
     ("celery/worker/request.py", "Request.terminate", ('266a5a0ca8d0a21b',), False, "items.Item.terminate"),  # 5.6.3,5.7.0: 266a5a0ca8d0a21b
     ("celery/worker/request.py", "Request.cancel", ('09dc120fa6a93d0e',), False, "items.Item.cancel"),  # 5.6.3,5.7.0: 09dc120fa6a93d0e
     ("celery/worker/request.py", "Request.revoked", ('4d013a70be8c0388', 'fe824d04e0db6d41'), False, "items.Item.revoked"),  # 5.6.3: 4d013a70be8c0388; 5.7.0: fe824d04e0db6d41
-    ("celery/worker/request.py", "Request.send_event", ('e570e5836a6ff840',), False, "_internals.worker.task_events_on"),  # 5.6.3,5.7.0: e570e5836a6ff840
+    ("celery/worker/request.py", "Request.send_event", ('e570e5836a6ff840',), False, "_internals.worker.task_events_on, _internals.events.BatchEventer"),  # 5.6.3,5.7.0: e570e5836a6ff840
     ("celery/app/trace.py", "TraceInfo.handle_error_state", ('210b92b8d65e4b71',), False, "_internals.trace.store_errors_for"),  # 5.6.3,5.7.0: 210b92b8d65e4b71
     ("celery/app/trace.py", "TraceInfo.handle_retry", ('0160b5e8147c5af3',), False, "_internals.trace.record_retry"),  # 5.6.3,5.7.0: 0160b5e8147c5af3
     ("celery/app/trace.py", "TraceInfo.handle_failure", ('ae47dce0b3423b0c',), False, "_internals.trace.exception_info / failure_hooks"),  # 5.6.3,5.7.0: ae47dce0b3423b0c
@@ -62,6 +62,10 @@ MIRRORED = [
     ("celery/events/dispatcher.py", "EventDispatcher.send", ('adfcf9b0930f443b', 'f0926b2293574880'), False, "_internals.worker.task_events_on"),  # 5.6.3: adfcf9b0930f443b; 5.7.0: f0926b2293574880
     ("celery/worker/consumer/tasks.py", "Tasks.start", ('0db82e24ad1e8bbf', '8bc37ce0ce91789e'), False, "bootstep.BatchingStep._disable_prefetch"),  # 5.6.3: 0db82e24ad1e8bbf; 5.7.0: 8bc37ce0ce91789e
     ("celery/worker/consumer/events.py", "Events.__init__", ('fa2f13ccc0c48e1a',), False, "_internals.worker.task_events_on"),  # 5.6.3,5.7.0: fa2f13ccc0c48e1a
+    ("celery/events/state.py", "Task.event", ('df11864befc2e96a',), False, "_internals.events.register_batch_fields (unknown fields kept)"),  # 5.6.3,5.7.0: df11864befc2e96a
+    ("celery/events/state.py", "Task.as_dict", ('d85f8c7eca90381e',), False, "_internals.events.register_batch_fields (_fields)"),  # 5.6.3,5.7.0: d85f8c7eca90381e
+    ("celery/events/state.py", "Task.info", ('dbc8310f9a8bc904',), False, "_internals.events.register_batch_fields (_info_fields)"),  # 5.6.3,5.7.0: dbc8310f9a8bc904
+    ("celery/bin/control.py", "_compile_arguments", ('49b046417dd41c0f',), False, "control.configure_batching (variadic settings)"),  # 5.6.3,5.7.0: 49b046417dd41c0f
     ("kombu/transport/redis.py", "Channel._brpop_read", ('5139cdc4fd9a716a', 'c2e423dfeda85f81'), False, "_internals.kombu_redis.install_bulk_fetch"),  # 5.6.2: 5139cdc4fd9a716a; 5.7.0: c2e423dfeda85f81
     ("kombu/transport/redis.py", "QoS.append", ('6883fd4024f51ad8',), False, "_internals.kombu_redis._POP_AND_TRACK / _deliver_more"),  # 5.6.2,5.7.0: 6883fd4024f51ad8
     ("kombu/transport/redis.py", "QoS._remove_from_indices", ('bda3c1298cc3e698',), False, "_internals.kombu_redis.ack_many"),  # 5.6.2,5.7.0: bda3c1298cc3e698
@@ -331,3 +335,17 @@ def test_bulk_fetch_stops_at_its_byte_cap(tmp_path):
         assert client.hlen("unacked") == client.zcard("unacked_index") == len(popped)
     finally:
         server.stop()
+
+
+def test_flower_task_page_lists_the_event_state_fields():
+    """Flower's task page shows ``Task._fields``, where ``register_batch_fields`` puts the
+    batch fields (``_internals.events``)."""
+    flower = pytest.importorskip("flower")
+    template = (Path(flower.__file__).parent / "templates" / "task.html").read_text()
+    assert "{% for name in task._fields %}" in template
+    from celery.events.state import Task
+
+    import celery_batched  # noqa: F401  (registers the fields)
+
+    assert set(celery_batched._internals.events.BATCH_FIELDS) <= set(Task._fields)
+    assert Task().as_dict()["batch_id"] is None  # tasks never batched serialize as before

@@ -8,6 +8,7 @@ import logging
 import socket
 import traceback
 from collections.abc import Callable, Iterable, Sequence
+from contextvars import ContextVar
 from typing import Any
 
 from billiard.einfo import ExceptionInfo, ExceptionWithTraceback
@@ -347,3 +348,39 @@ def announce_prerun(task: Any, contexts: Iterable[Context]) -> None:
                                      kwargs=ctx.kwargs)
         finally:
             task.request_stack.pop()
+
+
+#: ``result_extended``: per task id, the batch fields its stored metas carry (this batch only).
+_batch_meta: ContextVar[dict[str, dict[str, Any]] | None] = ContextVar("batch_meta", default=None)
+
+
+def set_batch_meta(fields: dict[str, dict[str, Any]] | None) -> Any:
+    """Batch fields for the metas the current batch stores; returns the token to reset."""
+    return _batch_meta.set(fields)
+
+
+def reset_batch_meta(token: Any) -> None:
+    _batch_meta.reset(token)
+
+
+def add_batch_meta(backend: Any) -> None:
+    """With ``result_extended``, every meta this backend stores for an item of a batch -- SUCCESS,
+    FAILURE, RETRY, STARTED, by this package or by Celery's own failure handling -- carries the
+    item's batch fields. Wraps ``Backend._get_result_meta`` (Celery 5.6-5.7: called with
+    ``request=`` by ``_store_result`` of every backend), once per backend instance."""
+    if backend.__dict__.get("_celery_batched_meta"):
+        return
+    original = backend._get_result_meta
+
+    def _get_result_meta(*args: Any, **kwargs: Any) -> Any:
+        meta = original(*args, **kwargs)
+        fields = _batch_meta.get()
+        if fields:
+            request = kwargs.get("request", args[3] if len(args) > 3 else None)
+            extra = fields.get(getattr(request, "id", None) or "")
+            if extra:
+                meta.update(extra)
+        return meta
+
+    backend._get_result_meta = _get_result_meta
+    backend.__dict__["_celery_batched_meta"] = True

@@ -1,0 +1,68 @@
+"""What a worker remembers of each batched task's batches, for ``inspect batching_stats``.
+
+Totals (batches, items, sizes, flush reasons) since the worker started, and a window of the
+most recent batches for percentiles: batch size, each item's wait in the buffer, and the
+batch's execution time in the pool. All of it is updated on the consumer's thread, once per
+batch.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from collections.abc import Sequence
+from typing import Any
+
+#: Batches (and, for waits, items) the percentiles are computed over.
+WINDOW = 1024
+
+
+class TaskRecord:
+    """One batched task's batches on this worker."""
+
+    def __init__(self) -> None:
+        self.sizes: Counter[int] = Counter()
+        self.reasons: Counter[str] = Counter()
+        self.recent_sizes: deque[int] = deque(maxlen=WINDOW)
+        self.recent_waits_ms: deque[float] = deque(maxlen=4 * WINDOW)
+        self.recent_exec_ms: deque[float] = deque(maxlen=WINDOW)
+
+    def flushed(self, batch: Any) -> None:
+        n = len(batch.items)
+        self.sizes[n] += 1
+        self.reasons[batch.reason] += 1
+        self.recent_sizes.append(n)
+        flushed_at = batch.flushed_at
+        self.recent_waits_ms.extend((flushed_at - it.buffered_at) * 1000.0 for it in batch.items)
+
+    def executed(self, runtime_s: float) -> None:
+        self.recent_exec_ms.append(runtime_s * 1000.0)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "batches": sum(self.sizes.values()),
+            "items": sum(size * n for size, n in self.sizes.items()),
+            # [size, batches] pairs in numeric order: JSON object keys would sort as strings.
+            "batch_sizes": [[size, n] for size, n in sorted(self.sizes.items())],
+            "flush_reasons": dict(self.reasons),
+            "recent": {
+                "batches": len(self.recent_sizes),
+                "batch_size": percentiles(self.recent_sizes),
+                "buffer_wait_ms": percentiles(self.recent_waits_ms),
+                "execution_ms": percentiles(self.recent_exec_ms),
+            },
+        }
+
+
+def percentiles(values: Sequence[float]) -> dict[str, float] | None:
+    """p50, p99 and max (linear interpolation between closest ranks), or None if empty."""
+    if not values:
+        return None
+    ordered = sorted(values)
+
+    def at(p: float) -> float:
+        k = (len(ordered) - 1) * p
+        lo = int(k)
+        hi = min(lo + 1, len(ordered) - 1)
+        return round(ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo), 3)
+
+    return {"p50": at(0.5), "p99": at(0.99), "max": round(ordered[-1], 3)}

@@ -1,0 +1,182 @@
+"""Seeing and steering batching on a real worker: batch fields on each item's events and in
+Flower's event state, result_extended metas, Prometheus metrics, remote reconfiguration."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import defaultdict
+
+import pytest
+from celery.events.state import State
+
+from .apps import monitoring
+from .workers import ROOT, captured_events, wait_for
+
+APP = "tests.apps.monitoring"
+BATCH_FIELDS = ("batch_id", "batch_size", "flush_reason", "buffer_wait_ms")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_item_events_carry_their_batch_and_flower_state_shows_it(redis_client, queue,
+                                                                  start_worker):
+    worker = start_worker(APP, queues=queue, extra_args=("-E",))
+    keys = ["a", "b", "fail-c", "retry-d", "e", "f"]
+    with captured_events(monitoring.app) as seen:
+        results = {k: monitoring.scored.apply_async((k,), queue=queue) for k in keys}
+        for k, r in results.items():
+            if k.startswith("fail"):
+                with pytest.raises(ValueError):
+                    r.get(timeout=15)
+            else:
+                assert r.get(timeout=15) == f"done:{k}"
+        wait_for(lambda: sum(e["type"] == "task-succeeded" for e in seen) >= 5, 10,
+                 what="five task-succeeded events")
+        time.sleep(0.3)
+    ids = {r.id: k for k, r in results.items()}
+    events = [e for e in seen if e.get("uuid") in ids]
+    by_type: dict[str, list[dict]] = defaultdict(list)
+    for e in events:
+        by_type[e["type"]].append(e)
+    # Every started/succeeded/failed/retried event names the item's batch.
+    for kind in ("task-started", "task-succeeded", "task-failed", "task-retried"):
+        assert by_type[kind], f"no {kind} event"
+        for e in by_type[kind]:
+            missing = [f for f in BATCH_FIELDS if e.get(f) is None]
+            assert not missing, (kind, missing, e)
+    # The first 4 items filled a batch (size flush); the rest ran in later ones.
+    started: dict[str, dict] = {}  # each item's first start ("retry-d" starts again later)
+    for e in sorted(by_type["task-started"], key=lambda e: e["clock"]):
+        started.setdefault(ids[e["uuid"]], e)
+    first = [started[k] for k in ("a", "b", "fail-c", "retry-d")]
+    assert len({e["batch_id"] for e in first}) == 1
+    assert {(e["batch_size"], e["flush_reason"]) for e in first} == {(4, "size")}
+    tail = [started[k] for k in ("e", "f")]
+    assert {e["flush_reason"] for e in tail} == {"wait_ms"}
+    assert min(e["buffer_wait_ms"] for e in tail) >= 250  # they waited out wait_ms=300
+    # task-succeeded: each item's runtime is its share; summed per batch, the batch's runtime.
+    per_batch: dict[str, list[dict]] = defaultdict(list)
+    for e in by_type["task-succeeded"]:
+        per_batch[e["batch_id"]].append(e)
+    for batch_events in per_batch.values():
+        whole = batch_events[0]["batch_runtime"]
+        size = batch_events[0]["batch_size"]
+        assert all(e["runtime"] == pytest.approx(whole / size) for e in batch_events)
+    # Celery's event state (what Flower and `celery events` build) keeps and lists the fields.
+    state = State()
+    for e in sorted(events, key=lambda e: e["clock"]):
+        state.event(e)
+    task = state.tasks[results["a"].id]
+    assert task.batch_id == first[0]["batch_id"] and task.batch_size == 4
+    as_dict = task.as_dict()
+    assert as_dict["flush_reason"] == "size" and as_dict["batch_runtime"] > 0
+    assert "batch_id" in task.info()
+    assert worker.proc.poll() is None
+
+
+def test_result_extended_metas_carry_the_batch(redis_client, queue, start_worker):
+    start_worker(APP, queues=queue, env={"TEST_RESULT_EXTENDED": "1"})
+    results = [monitoring.scored.apply_async((k,), queue=queue) for k in ("x", "y", "fail-z")]
+    assert [r.get(timeout=15, propagate=False) is not None for r in results] == [True] * 3
+    metas = [json.loads(redis_client.get(f"celery-task-meta-{r.id}")) for r in results]
+    assert [m["status"] for m in metas] == ["SUCCESS", "SUCCESS", "FAILURE"]
+    assert len({m["batch_id"] for m in metas}) == 1
+    assert all(m["batch_size"] == 3 and m["flush_reason"] == "wait_ms" for m in metas), metas
+    assert all(m["buffer_wait_ms"] >= 250 and m["name"] == monitoring.scored.name
+               for m in metas), metas
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    out = {}
+    for line in text.splitlines():
+        m = re.match(r"^(celery_batched_\w+)(?:\{(.*)\})? (\S+)$", line)
+        if m:
+            labels = tuple(sorted(re.findall(r'(\w+)="([^"]*)"', m.group(2) or "")))
+            out[(m.group(1), labels)] = float(m.group(3))
+    return out
+
+
+def test_prometheus_metrics_match_what_ran(redis_client, queue, start_worker):
+    port = free_port()
+    start_worker(APP, queues=queue, env={"TEST_METRICS_PORT": str(port)})
+    task = monitoring.scored.name
+    keys = [f"k{i}" for i in range(10)] + ["fail-1", "retry-1"]
+    results = [monitoring.scored.apply_async((k,), queue=queue) for k in keys]
+    for r in results:
+        r.get(timeout=15, propagate=False)
+    wait_for(lambda: scrape(port).get(("celery_batched_items_total",
+                                       (("outcome", "succeeded"), ("task", task)))) == 11,
+             10, what="11 succeeded items in the metrics")
+    m = scrape(port)
+    runs = [json.loads(x)["keys"] for x in redis_client.lrange("exec:scored", 0, -1)]
+    t = (("task", task),)
+    assert m[("celery_batched_batch_size_count", t)] == len(runs)
+    assert m[("celery_batched_batch_size_sum", t)] == sum(len(r) for r in runs) == 13
+    assert m[("celery_batched_buffer_wait_seconds_count", t)] == 13
+    assert m[("celery_batched_batch_execution_seconds_count", t)] == len(runs)
+    assert m[("celery_batched_batch_execution_seconds_sum", t)] >= 0.02 * len(runs)
+    outcomes = {o: m.get(("celery_batched_items_total", (("outcome", o), ("task", task))), 0)
+                for o in ("succeeded", "failed", "retried")}
+    assert outcomes == {"succeeded": 11, "failed": 1, "retried": 1}
+    reasons = {dict(labels)["reason"]: v for (name, labels), v in m.items()
+               if name == "celery_batched_flushes_total"}
+    assert sum(reasons.values()) == len(runs) and reasons.get("size", 0) >= 2, reasons
+    assert m[("celery_batched_buffered_items", t)] == 0
+    assert m[("celery_batched_batches_in_flight", t)] == 0
+
+
+def test_configure_batching_changes_batch_sizes_on_a_running_worker(redis_client, queue,
+                                                                   start_worker):
+    worker = start_worker(APP, queues=queue)
+    task = monitoring.resizable
+
+    def burst(n: int) -> list[int]:
+        redis_client.delete("exec:resizable")
+        assert task.map_items(range(n), queue=queue).get(timeout=20) == list(range(n))
+        return [int(x) for x in redis_client.lrange("exec:resizable", 0, -1)]
+
+    assert burst(16) == [4, 4, 4, 4]
+    reply = monitoring.app.control.broadcast(
+        "configure_batching", arguments={"task_name": task.name,
+                                         "settings": ["max_batch_size=8", "wait_ms=50"]},
+        destination=[worker.hostname], reply=True, timeout=5)
+    assert reply == [{worker.hostname: {"ok": {"max_batch_size": 8, "wait_ms": 50.0,
+                                               "oom_errors": reply[0][worker.hostname]["ok"]
+                                               ["oom_errors"]}}}], reply
+    assert burst(16) == [8, 8]
+    # Through Celery's CLI, as an operator would; a bad value is refused and changes nothing.
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+
+    def cli(*args: str) -> str:
+        out = subprocess.run([sys.executable, "-m", "celery", "-A", APP, *args,
+                              "-d", worker.hostname, "-t", "3"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=60, env=env)
+        return out.stdout + out.stderr
+
+    refused = cli("control", "configure_batching", task.name, "max_batch_size=0")
+    assert "max_batch_size must be >= 1" in refused, refused
+    changed = cli("control", "configure_batching", task.name, "max_batch_size=2")
+    assert "OK" in changed, changed
+    assert burst(6) == [2, 2, 2]
+    shown = cli("inspect", "batching_config", "--json")
+    settings = json.loads(shown.strip().splitlines()[-1])[worker.hostname][task.name]
+    assert settings["max_batch_size"] == 2 and settings["wait_ms"] == 50.0, settings
+    sizes = dict(map(tuple, monitoring_stats(worker)[task.name]["batch_sizes"]))
+    assert sizes == {2: 3, 4: 4, 8: 2}, sizes
+
+
+def monitoring_stats(worker) -> dict:
+    from celery_batched import batching_stats
+    return batching_stats(monitoring.app, timeout=2.0, destination=[worker.hostname])[worker.hostname]
