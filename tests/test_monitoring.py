@@ -72,7 +72,7 @@ def test_item_events_carry_their_batch_and_flower_state_shows_it(redis_client, q
     for batch_events in per_batch.values():
         whole = batch_events[0]["batch_runtime"]
         size = batch_events[0]["batch_size"]
-        assert all(e["runtime"] == pytest.approx(whole / size) for e in batch_events)
+        assert all(e["runtime"] == pytest.approx(whole / size, abs=1e-6) for e in batch_events)
     # Celery's event state (what Flower and `celery events` build) keeps and lists the fields.
     state = State()
     for e in sorted(events, key=lambda e: e["clock"]):
