@@ -13,6 +13,7 @@ Rate limits (token buckets per message) are refused for batched tasks: see ``boo
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from celery import signals
@@ -102,6 +103,7 @@ def batching_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Any:
     def eta_due(item: Item) -> None:
         consumer.qos.decrement_eventually()
         worker.task_ready(item.request())  # leaves the scheduled set
+        item.buffered_at = time.monotonic()  # its wait in the buffer starts now, not at receipt
         enter_buffer(item)
 
     def handle(message: Any, body: Any, callbacks: Any) -> None:
