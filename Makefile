@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # The CPU build; a plain `torch` requirement would pull a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test test-matrix install services bench
+.PHONY: demo test test-matrix install services bench lock
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -32,3 +32,7 @@ test-matrix: install services
 
 bench: install services
 	$(PY) benchmarks/run.py
+
+# Regenerate the container images' pinned requirements (requirements/*.txt).
+lock: install
+	$(PY) scripts/compose_lock.py

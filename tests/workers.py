@@ -17,6 +17,17 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def kill_group(proc: subprocess.Popen[bytes] | None) -> None:
+    """SIGKILL to a process started with ``start_new_session`` and its whole group."""
+    if proc is None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(10)
+
+
 class Worker:
     """One ``celery -A <module> worker`` subprocess in its own process group."""
 
@@ -74,13 +85,7 @@ class Worker:
 
     def kill(self) -> None:
         """kill -9 the worker and every process of its group (pool children too)."""
-        if self.proc is None:
-            return
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait(10)
+        kill_group(self.proc)
 
     def close(self) -> None:
         self.kill()

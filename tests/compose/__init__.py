@@ -1,0 +1,1 @@
+"""The compose stack without a Docker engine: docker-compose.yml read and run natively."""
