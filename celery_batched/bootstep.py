@@ -27,8 +27,8 @@ from .consumer_thread import ConsumerThread
 from .dispatch import Batch, BatchDispatcher
 from .latency import LatencyModel
 from .metrics import BatchMetrics
-from .records import TaskRecord
 from .prefetch import Prefetch
+from .records import TaskRecord
 from .worker_checks import check_result_serializer, check_worker
 from .writer import ResultWriter
 
@@ -212,7 +212,7 @@ class BatchingStep(bootsteps.StartStopStep):
             buffer = self.buffers.get(task.name)
             if buffer is not None:
                 buffer.reconfigure(spec)
-            latency = self.latency_models.get(task.name)
+            latency = self.latency_models.get(task.name)  # shared by this task's buffers
             if latency is not None and spec.max_latency_ms is not None:
                 latency.reconfigure(spec.max_latency_ms, spec.max_batch_size)
         logger.info("celery_batched: %s reconfigured: %s", task.name,

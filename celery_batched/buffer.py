@@ -153,8 +153,6 @@ class BatchBuffer:
             self._max_size = spec.max_batch_size
             self._max_cost = spec.max_batch_cost
             self._max_keys = spec.max_open_keys
-            if self.latency is not None and spec.max_latency_ms is not None:
-                self.latency.reconfigure(spec.max_latency_ms, spec.max_batch_size)
             for key in list(self._open):
                 batch = self._open[key]
                 over_cost = self._max_cost is not None and batch.cost >= self._max_cost

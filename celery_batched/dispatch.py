@@ -112,14 +112,14 @@ class BatchDispatcher:
 
     def _done(self, batch: Batch, reply: Any) -> None:
         self.in_flight -= 1
-        if isinstance(reply, BatchReply):
-            self.on_executed(batch, reply)
         if not isinstance(reply, BatchReply):  # threads/solo report a lost job as an ExceptionInfo
             self.completion.failed(batch, reply)
-        elif STORE in reply.codes:
-            self.writer.submit(batch, reply)
         else:
-            self.completion.finished(batch, reply, None)
+            self.on_executed(batch, reply)
+            if STORE in reply.codes:
+                self.writer.submit(batch, reply)
+            else:
+                self.completion.finished(batch, reply, None)
         self.on_slot_free()
 
     def _failed(self, batch: Batch, exc_info: Any) -> None:
@@ -130,7 +130,6 @@ class BatchDispatcher:
     def written(self, batch: Batch, reply: BatchReply, written: Any) -> None:
         """The writer stored the batch's results (writer thread): complete it on the consumer."""
         self.thread.call(self.completion.finished, batch, reply, written)
-
 
 
 def _preset_errors(items: Sequence[Any]) -> dict[int, BaseException] | None:
