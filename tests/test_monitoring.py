@@ -180,3 +180,40 @@ def test_configure_batching_changes_batch_sizes_on_a_running_worker(redis_client
 def monitoring_stats(worker) -> dict:
     from celery_batched import batching_stats
     return batching_stats(monitoring.app, timeout=2.0, destination=[worker.hostname])[worker.hostname]
+
+
+def test_flower_task_page_shows_the_batch(redis_client, queue, start_worker, tmp_path):
+    """What a user sees: Flower's own task page (rendered HTML) lists the item's batch."""
+    pytest.importorskip("flower")
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    log = open(tmp_path / "flower.log", "wb")
+    flower = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", APP, "flower", f"--port={port}",
+         "--address=127.0.0.1"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True)
+    try:
+        def page(path: str) -> str:
+            try:
+                return urllib.request.urlopen(f"http://127.0.0.1:{port}{path}",
+                                              timeout=5).read().decode()
+            except OSError:
+                return ""
+
+        wait_for(lambda: page("/healthcheck") == "OK", 30, what="Flower to answer")
+        start_worker(APP, queues=queue, extra_args=("-E",))
+        results = [monitoring.scored.apply_async((k,), queue=queue) for k in "wxyz"]
+        assert [r.get(timeout=15) for r in results] == [f"done:{k}" for k in "wxyz"]
+        html = wait_for(lambda: (lambda h: h if "Batch runtime" in h else "")(
+            page(f"/task/{results[0].id}")), 15, what="the task page with the batch fields")
+        rows = dict(re.findall(r"<dt>([^<]+)</dt>\s*<dd>\s*([^<]*?)\s*</dd>", html))
+        assert rows["Batch size"] == "4" and rows["Flush reason"] == "size", rows
+        assert re.fullmatch(r"[0-9a-f]{6}-\d+", rows["Batch id"]), rows
+        assert float(rows["Buffer wait ms"]) >= 0 and float(rows["Batch runtime"]) > 0, rows
+    finally:
+        flower.terminate()
+        try:
+            flower.wait(10)
+        except subprocess.TimeoutExpired:
+            flower.kill()
+        log.close()
