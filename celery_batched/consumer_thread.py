@@ -21,11 +21,11 @@ import logging
 import os
 import queue
 import threading
-import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from ._in_flight import InFlight
 logger = logging.getLogger(__name__)
 
 
@@ -45,8 +45,7 @@ class ConsumerThread:
         self._rfd = self._wfd = -1
         self._queued: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...]] | None] = \
             queue.SimpleQueue()
-        self._unfinished = 0
-        self._idle = threading.Condition()
+        self._in_flight = InFlight()
         if self.hub is None:
             threading.Thread(target=self._run_queued, name="celery-batched-callbacks",
                              daemon=True).start()
@@ -73,8 +72,7 @@ class ConsumerThread:
                 with self.lock:
                     _run(fn, args)
             else:
-                with self._idle:
-                    self._unfinished += 1
+                self._in_flight.started()
                 self._queued.put((fn, args))
             return
         if threading.get_ident() == self.ident:
@@ -102,14 +100,7 @@ class ConsumerThread:
 
     def drain(self, timeout: float) -> bool:
         """Without an event loop: wait until the queued callbacks have run (shutdown)."""
-        deadline = time.monotonic() + timeout
-        with self._idle:
-            while self._unfinished:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._idle.wait(left)
-        return True
+        return self._in_flight.wait_idle(timeout)
 
     def _run_queued(self) -> None:
         while True:
@@ -121,9 +112,7 @@ class ConsumerThread:
                 with self.lock:
                     _run(fn, args)
             finally:
-                with self._idle:
-                    self._unfinished -= 1
-                    self._idle.notify_all()
+                self._in_flight.finished()
 
     def run_pending(self) -> None:
         with self._pending_lock:

@@ -35,7 +35,7 @@ class Batch:
     """One flushed batch, from the flush to its last ack."""
 
     __slots__ = ("id", "task", "items", "credit", "reason", "first_buffered_at", "flushed_at",
-                 "want_repr")
+                 "want_repr", "_waits")
 
     def __init__(self, task: Any, items: Sequence[Any], credit: TaskCredit, reason: str,
                  want_repr: bool) -> None:
@@ -47,6 +47,14 @@ class Batch:
         self.first_buffered_at = min(it.buffered_at for it in items)
         self.flushed_at = time.monotonic()
         self.want_repr = want_repr
+        self._waits: list[float] | None = None
+
+    def waits(self) -> list[float]:
+        """Seconds each item waited in the buffer, in item order (computed once)."""
+        if self._waits is None:
+            flushed_at = self.flushed_at
+            self._waits = [flushed_at - it.buffered_at for it in self.items]
+        return self._waits
 
 
 class BatchDispatcher:

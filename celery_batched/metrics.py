@@ -108,9 +108,8 @@ class BatchMetrics:
         self.batch_size.labels(name).observe(len(batch.items))
         self.flushes.labels(name, batch.reason).inc()
         observe = self.buffer_wait.labels(name).observe
-        flushed_at = batch.flushed_at
-        for item in batch.items:
-            observe(flushed_at - item.buffered_at)
+        for wait in batch.waits():
+            observe(wait)
 
     def finished(self, batch: Any, runtime: float | None, succeeded: int, failed: int,
                  retried: int, handed_back: int) -> None:

@@ -47,6 +47,15 @@ class ItemPolicy:
     cost_fn: Callable[..., Any] | None
     cost_label: str
 
+    @property
+    def key_name(self) -> str | None:
+        """The key parameter's name or the key function's, for ``inspect batching_config``."""
+        if self.key_param is not None:
+            return self.param_names[self.key_param]
+        if self.key_fn is not None:
+            return _name(self.key_fn)
+        return None
+
     def key(self, row: tuple[Any, ...]) -> Hashable:
         if self.key_param is not None:
             key = row[self.key_param]

@@ -31,8 +31,7 @@ class TaskRecord:
         self.sizes[n] += 1
         self.reasons[batch.reason] += 1
         self.recent_sizes.append(n)
-        flushed_at = batch.flushed_at
-        self.recent_waits_ms.extend((flushed_at - it.buffered_at) * 1000.0 for it in batch.items)
+        self.recent_waits_ms.extend(w * 1000.0 for w in batch.waits())
 
     def executed(self, runtime_s: float) -> None:
         self.recent_exec_ms.append(runtime_s * 1000.0)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar, Final
+from typing import Any, Final
 
 from .errors import BatchedTaskDefinitionError, BatchedTaskOptionError, ItemArgumentsError
 from .policies import (DEFAULT_MAX_OPEN_KEYS, DEFAULT_OOM_ERRORS, ItemPolicy, check_cost_bound,
@@ -111,10 +111,6 @@ class BatchSpec:
                    max_open_keys=open_keys, max_batch_cost=cost_bound, max_latency_ms=latency,
                    oom_errors=oom)
 
-    #: What ``reconfigured`` (remote control: ``configure_batching``) may change.
-    RECONFIGURABLE: ClassVar[tuple[str, ...]] = (
-        "max_batch_size", "wait_ms", "max_latency_ms", "max_batch_cost", "max_open_keys")
-
     def reconfigured(self, changes: Mapping[str, object]) -> BatchSpec:
         """This spec with some options changed on a running worker, checked as at definition.
 
@@ -123,34 +119,23 @@ class BatchSpec:
         new definition.
         """
         name = self.task_name
-        unknown = sorted(set(changes) - set(self.RECONFIGURABLE))
+        unknown = sorted(set(changes) - set(RECONFIGURABLE))
         if unknown:
             raise BatchedTaskOptionError(
                 f"{name}: can't change {', '.join(unknown)} on a running worker; "
-                f"these can be: {', '.join(self.RECONFIGURABLE)}")
-        values = {k: _number(v, k, name) for k, v in changes.items()}
-        if "wait_ms" in values and self.max_latency_ms is not None:
+                f"these can be: {', '.join(RECONFIGURABLE)}")
+        if "wait_ms" in changes and self.max_latency_ms is not None:
             raise BatchedTaskOptionError(
                 f"{name} batches with max_latency_ms: change max_latency_ms, not wait_ms")
-        if "max_latency_ms" in values and self.max_latency_ms is None:
+        if "max_latency_ms" in changes and self.max_latency_ms is None:
             raise BatchedTaskOptionError(
                 f"{name} batches with wait_ms: change wait_ms (switching to max_latency_ms "
                 f"needs a new definition of the task)")
-        if "max_batch_cost" in values and self.max_batch_cost is None:
+        if "max_batch_cost" in changes and self.max_batch_cost is None:
             raise BatchedTaskOptionError(
                 f"{name} has no batch_cost: max_batch_cost needs batch_cost in its definition")
-        new: dict[str, Any] = {}
-        if "max_batch_size" in values:
-            new["max_batch_size"] = check_max_batch_size(values["max_batch_size"], name)
-        if "wait_ms" in values:
-            new["wait_ms"] = check_wait_ms(values["wait_ms"], name)
-        if "max_latency_ms" in values:
-            new["max_latency_ms"] = check_max_latency_ms(values["max_latency_ms"], False, name)
-        if "max_batch_cost" in values:
-            new["max_batch_cost"] = check_cost_bound(True, values["max_batch_cost"], name)
-        if "max_open_keys" in values:
-            new["max_open_keys"] = check_max_open_keys(values["max_open_keys"], name)
-        return replace(self, **new)
+        return replace(self, **{option: RECONFIGURABLE[option](_number(value, option, name), name)
+                                for option, value in changes.items()})
 
     def settings(self) -> dict[str, Any]:
         """The batching options in force, for ``inspect batching_config``."""
@@ -159,10 +144,8 @@ class BatchSpec:
             out["wait_ms"] = self.wait_ms
         else:
             out["max_latency_ms"] = self.max_latency_ms
-        if self.policy is not None and (self.policy.key_fn or self.policy.key_param is not None):
-            policy = self.policy
-            out["batch_key"] = (policy.param_names[policy.key_param] if policy.key_param is not None
-                                else getattr(policy.key_fn, "__qualname__", repr(policy.key_fn)))
+        if self.policy is not None and self.policy.key_name is not None:
+            out["batch_key"] = self.policy.key_name
             out["max_open_keys"] = self.max_open_keys
         if self.max_batch_cost is not None:
             out["max_batch_cost"] = self.max_batch_cost
@@ -231,3 +214,14 @@ def _exc_name(kind: Any) -> str:
     if isinstance(kind, tuple):
         return ".".join(kind)
     return f"{kind.__module__}.{kind.__qualname__}".removeprefix("builtins.")
+
+
+#: What ``BatchSpec.reconfigured`` (remote control: ``configure_batching``) may change, and the
+#: definition-time check of each.
+RECONFIGURABLE: Final[dict[str, Callable[[Any, str], Any]]] = {
+    "max_batch_size": check_max_batch_size,
+    "wait_ms": check_wait_ms,
+    "max_latency_ms": lambda value, name: check_max_latency_ms(value, False, name),
+    "max_batch_cost": lambda value, name: check_cost_bound(True, value, name),
+    "max_open_keys": check_max_open_keys,
+}

@@ -13,12 +13,11 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
-from ._internals import trace
-from ._internals import redis_results
+from ._in_flight import InFlight
+from ._internals import redis_results, trace
 from ._wire import STORE, BatchReply
 from .encoding import MetaEncoder, bounded_repr, plain
 from .errors import ItemResultEncodeError
@@ -35,31 +34,22 @@ class ResultWriter:
     def __init__(self, on_written: Callable[[Any, BatchReply, Written], None]) -> None:
         self._on_written = on_written
         self._queue: queue.SimpleQueue[tuple[Any, BatchReply] | None] = queue.SimpleQueue()
-        self._pending = 0
-        self._idle = threading.Condition()
+        self._in_flight = InFlight()
         self._encoders: dict[int, MetaEncoder] = {}
         self._thread = threading.Thread(target=self._run, name="celery-batched-writer", daemon=True)
         self._thread.start()
 
     def submit(self, batch: Any, reply: BatchReply) -> None:
-        with self._idle:
-            self._pending += 1
+        self._in_flight.started()
         self._queue.put((batch, reply))
 
     @property
     def pending(self) -> int:
-        return self._pending
+        return self._in_flight.count
 
     def drain(self, timeout: float) -> bool:
         """Wait until every submitted batch is written (or ``timeout``); True if all were."""
-        deadline = time.monotonic() + timeout
-        with self._idle:
-            while self._pending:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._idle.wait(left)
-        return True
+        return self._in_flight.wait_idle(timeout)
 
     def stop(self) -> None:
         self._queue.put(None)
@@ -78,9 +68,7 @@ class ResultWriter:
             try:
                 self._on_written(batch, reply, written)
             finally:
-                with self._idle:
-                    self._pending -= 1
-                    self._idle.notify_all()
+                self._in_flight.finished()
 
     def write(self, batch: Any, reply: BatchReply) -> Written:
         """Encode and store the batch's STORE items; what became of each."""
