@@ -25,6 +25,7 @@ from .buffer import INVALID, BatchBuffer
 from .completion import Completion
 from .consumer_thread import ConsumerThread
 from .dispatch import Batch, BatchDispatcher
+from . import interpreter
 from .latency import LatencyModel
 from .metrics import BatchMetrics
 from .prefetch import Prefetch
@@ -63,10 +64,14 @@ class BatchingStep(bootsteps.StartStopStep):
         #: Serializes message handling with batch callbacks where there is no event loop
         #: (callbacks then come from the pool's result thread and the timer thread).
         self.thread_lock: Any = contextlib.nullcontext() if c.hub else threading.RLock()
+        self._previous_switch: float | None = None
+        self._froze = False
 
     def start(self, c: Any) -> None:
+        first = self.thread is None
         if self.thread is None:  # first start: what lives as long as the worker
             check_worker(c.app, c.connection.transport.driver_type)
+            self._previous_switch = interpreter.shorten_switch_interval(c.app)
             self.thread = ConsumerThread(c, self.thread_lock)
             self.writer = ResultWriter(on_written=self._written)
             self.thread.before_close(lambda: self._drain_writer())
@@ -89,6 +94,8 @@ class BatchingStep(bootsteps.StartStopStep):
         if disable and c.task_consumer is not None:
             self._disable_prefetch(c.task_consumer.channel.qos)
         self.prefetch.apply()
+        if first:
+            self._froze = interpreter.freeze_startup_heap(c.app)
 
     def _direct_receiver(self, payload: dict[str, Any]) -> Any:
         """The batched task's own entry for a message the bulk fetch popped (or None)."""
@@ -173,6 +180,8 @@ class BatchingStep(bootsteps.StartStopStep):
             self.writer.stop()
         if self.metrics is not None:
             self.metrics.stop()
+        interpreter.restore(self._previous_switch, self._froze)
+        self._previous_switch, self._froze = None, False
 
     def _drain_writer(self) -> None:
         if self.writer is not None and not self.writer.drain(SHUTDOWN_DRAIN_S):

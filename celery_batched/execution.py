@@ -24,6 +24,7 @@ from ._types import BatchedTaskLike
 from ._wire import BatchReply, WireItem
 from .errors import BatchResultError, BatchSetupError
 from .event_loop import run_coroutine
+from .interpreter import freeze_startup_heap
 from .item_results import ItemOutcomes
 from .oom import fit_limit, free_cuda_cache
 from .policies import is_oom
@@ -185,4 +186,5 @@ def ensure_setup(task: BatchedTaskLike) -> None:
                 f"{task.name}.setup() raised {type(exc).__name__}: {exc}; "
                 f"the batch failed and setup() runs again before the next batch") from exc
         task.__dict__["_celery_batched_setup_pid"] = pid
+        freeze_startup_heap(task.app)
 

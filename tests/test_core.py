@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import re
+import sys
 import time
+import uuid
 
 import pytest
 from celery import states
@@ -169,6 +172,62 @@ def test_class_based_setup_once_per_process(redis_client, queue, start_worker):
     assert len(setups) == len(set(setups)), "setup() ran twice in one process"
     assert executing <= set(setups)
     assert max(r["n"] for r in execs(redis_client, "scaler")) <= 8
+
+
+def _interpreter_state(worker) -> dict:
+    replies = calc.app.control.broadcast("interpreter_state", destination=[worker.hostname],
+                                         reply=True, timeout=5)
+    return replies[0][worker.hostname]
+
+
+@pytest.mark.parametrize("freeze", [True, False], ids=["batching_gc_freeze", "off"])
+def test_startup_heap_is_frozen_in_the_worker_and_its_pool(redis_client, queue, start_worker,
+                                                           freeze):
+    worker = start_worker(APP, queues=queue, pool="prefork",
+                          env={"TEST_GC_FREEZE": "1" if freeze else "0"})
+    in_pool = [r.get(timeout=15) for r in
+               [calc.frozen_objects.apply_async((i,), queue=queue) for i in range(3)]]
+    in_main = _interpreter_state(worker)["frozen"]
+    if freeze:
+        # Celery, kombu and the app: tens of thousands of objects, out of every full GC pass.
+        assert in_main > 10_000, in_main
+        assert min(in_pool) > 10_000, in_pool
+    else:
+        assert (in_main, in_pool) == (0, [0, 0, 0])
+
+
+@pytest.mark.parametrize("setting, expected", [
+    (None, 0.0005),      # the default
+    ("0.002", 0.002),
+    ("none", 0.005),     # None: Python's own
+])
+def test_gil_switch_interval_of_the_worker(redis_client, queue, start_worker, setting, expected):
+    env = {} if setting is None else {"TEST_SWITCH_INTERVAL": setting}
+    worker = start_worker(APP, queues=queue, env=env)
+    assert calc.batch_add.apply_async((1, 2), queue=queue).get(timeout=15) == 3
+    assert _interpreter_state(worker)["switch_interval"] == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("setting", ["fast", "0", "-1"])
+def test_refuses_to_start_with_a_bad_switch_interval(redis_client, queue, start_worker, setting):
+    with pytest.raises(RuntimeError, match="worker exited with") as err:
+        start_worker(APP, queues=queue, env={"TEST_SWITCH_INTERVAL": setting})
+    log = str(err.value)
+    assert "WorkerConfigurationError" in log
+    assert f"batching_switch_interval={setting!r} is not a GIL switch interval" in log
+
+
+def test_an_embedded_worker_gives_the_interpreter_back(redis_client):
+    """A worker run inside another program (``celery.contrib.testing``) leaves the program's
+    GIL switch interval and garbage collector as it found them."""
+    from celery.contrib.testing.worker import start_worker as embedded_worker
+
+    assert (sys.getswitchinterval(), gc.get_freeze_count()) == (pytest.approx(0.005), 0)
+    with embedded_worker(calc.app, pool="solo", perform_ping_check=False,
+                         queues=[f"q{uuid.uuid4().hex[:10]}"], shutdown_timeout=15):
+        assert sys.getswitchinterval() == pytest.approx(0.0005)
+        assert gc.get_freeze_count() > 10_000
+    assert (sys.getswitchinterval(), gc.get_freeze_count()) == (pytest.approx(0.005), 0)
 
 
 def test_two_batched_tasks_share_a_worker(redis_client, queue, start_worker):

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
+import sys
 import time
+
+from celery.worker.control import inspect_command
 
 from celery_batched import BatchedTask, RetryItem
 
@@ -14,7 +18,11 @@ from ._common import make_app, redis_client
 app = make_app(
     "calc",
     result_extended=os.environ.get("TEST_RESULT_EXTENDED") == "1",
+    batching_gc_freeze=os.environ.get("TEST_GC_FREEZE", "1") == "1",
 )
+if "TEST_SWITCH_INTERVAL" in os.environ:  # "none" -> None; anything else as given (a string)
+    _interval = os.environ["TEST_SWITCH_INTERVAL"]
+    app.conf.batching_switch_interval = None if _interval == "none" else _interval
 
 _redis = redis_client()
 
@@ -168,3 +176,16 @@ def slow_batch(xs: list[int]) -> list[int]:
 @app.task
 def total(values: list[int]) -> int:
     return sum(values)
+
+
+@app.task(base=BatchedTask, max_batch_size=4, wait_ms=100)
+def frozen_objects(xs: list[int]) -> list[int]:
+    """How many objects the garbage collector of this pool process has frozen (``interpreter.py``)."""
+    return [gc.get_freeze_count()] * len(xs)
+
+
+@inspect_command()
+def interpreter_state(state: object) -> dict[str, float]:
+    """The worker's main process (where remote-control commands run): objects frozen, and the
+    GIL switch interval (``interpreter.py``)."""
+    return {"frozen": gc.get_freeze_count(), "switch_interval": sys.getswitchinterval()}
