@@ -258,6 +258,27 @@ def test_spliced_result_meta_is_celerys_own(serializer):
         assert backend.decode(encoded) == backend.decode(backend.encode(meta))
 
 
+@pytest.mark.parametrize("dtype, record_bytes", [("float16", 5), ("float32", 5), ("float64", 9)])
+def test_array_results_decode_to_each_rows_tolist(dtype, record_bytes):
+    """An array returned by the function is encoded for msgpack all at once: every stored row
+    must decode to exactly ``row.tolist()``, and float16/32 rows take 5 bytes per value."""
+    import msgpack
+    import numpy as np
+
+    from celery_batched.encoding import msgpack_float_rows
+
+    rng = np.random.default_rng(7)
+    for d in (3, 384, 70_000):  # msgpack's fixarray, array16 and array32 headers
+        values = rng.standard_normal((4, d)).astype(dtype) * 1e3
+        rows = msgpack_float_rows(values)
+        assert rows is not None
+        for row, packed in zip(values, rows):
+            assert msgpack.unpackb(packed) == row.tolist()
+        header = 1 if d <= 15 else 3 if d < 1 << 16 else 5
+        assert len(rows[0]) == header + record_bytes * d
+    assert msgpack_float_rows(np.arange(6).reshape(2, 3)) is None  # ints: msgpack's own path
+
+
 def test_bulk_read_is_decode_result(redis_client):
     from celery import Celery
 
