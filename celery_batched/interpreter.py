@@ -10,13 +10,14 @@ generation once, so later full passes traverse only what was made since. Collect
 frozen objects are still freed by reference counting, only a reference cycle among them would be
 kept. ``batching_gc_freeze = False`` in the app's config turns it off.
 
-**A shorter GIL switch interval in the main process.** The result writer thread encodes a
-batch's results (3.6 ms for 128 vectors of 384 floats with msgpack, 11 ms with JSON, on these
-cores) while the consumer's event loop waits for the GIL -- by default up to 5 ms
-(``sys.getswitchinterval()``) -- before it can hand the pool process its next batch: the pool
-(the GPU) idled that long per batch. At 0.5 ms the loop gets the GIL back within half a
-millisecond. ``batching_switch_interval`` (seconds, default 0.0005) sets it; ``None`` leaves
-Python's own. A value the process already changed from Python's default is left alone.
+**A shorter GIL switch interval in the main process, on request.** The result writer thread
+encodes a batch's results while the consumer's event loop waits for the GIL -- by default up to
+5 ms (``sys.getswitchinterval()``) -- before it can hand the pool its next batch. With JSON
+results of 128 vectors (11 ms to encode here) the pool idled that long per batch: a simulated
+20 ms model reached 64 % of its limit, 76-83 % with ``batching_switch_interval = 0.0005``
+(seconds). With msgpack (5 bytes per float32, ``encoding.py``) it made no measurable difference,
+and a drain of tiny tasks lost ~10 % to the extra switching, so it is off unless set (default
+None: Python's own). A value the process already changed from Python's default is left alone.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from .errors import WorkerConfigurationError
 
 #: CPython's default ``sys.getswitchinterval()``.
 PYTHON_DEFAULT_SWITCH_INTERVAL = 0.005
-DEFAULT_SWITCH_INTERVAL = 0.0005
 
 
 def freeze_startup_heap(app: Any) -> bool:
@@ -48,7 +48,7 @@ def freeze_startup_heap(app: Any) -> bool:
 def shorten_switch_interval(app: Any) -> float | None:
     """Set this process's GIL switch interval from ``batching_switch_interval``; the interval
     it replaced, or None where it left the interval alone."""
-    wanted = app.conf.get("batching_switch_interval", DEFAULT_SWITCH_INTERVAL)
+    wanted = app.conf.get("batching_switch_interval")
     if wanted is None:
         return None
     try:
@@ -58,8 +58,8 @@ def shorten_switch_interval(app: Any) -> float | None:
     if isinstance(wanted, bool) or not 0 < seconds <= 1:
         raise WorkerConfigurationError(
             f"celery_batched: batching_switch_interval={wanted!r} is not a GIL switch interval; "
-            f"set it to a number of seconds above 0 and at most 1 (default "
-            f"{DEFAULT_SWITCH_INTERVAL}), or to None to keep Python's own")
+            f"set it to a number of seconds above 0 and at most 1 (0.0005 helps JSON vector "
+            f"results), or to None to keep Python's own")
     previous = sys.getswitchinterval()
     if abs(previous - PYTHON_DEFAULT_SWITCH_INTERVAL) > 1e-9:
         return None

@@ -197,9 +197,9 @@ def test_startup_heap_is_frozen_in_the_worker_and_its_pool(redis_client, queue, 
 
 
 @pytest.mark.parametrize("setting, expected", [
-    (None, 0.0005),      # the default
-    ("0.002", 0.002),
-    ("none", 0.005),     # None: Python's own
+    (None, 0.005),       # not set: Python's own
+    ("0.0005", 0.0005),
+    ("none", 0.005),
 ])
 def test_gil_switch_interval_of_the_worker(redis_client, queue, start_worker, setting, expected):
     env = {} if setting is None else {"TEST_SWITCH_INTERVAL": setting}
@@ -223,10 +223,14 @@ def test_an_embedded_worker_gives_the_interpreter_back(redis_client):
     from celery.contrib.testing.worker import start_worker as embedded_worker
 
     assert (sys.getswitchinterval(), gc.get_freeze_count()) == (pytest.approx(0.005), 0)
-    with embedded_worker(calc.app, pool="solo", perform_ping_check=False,
-                         queues=[f"q{uuid.uuid4().hex[:10]}"], shutdown_timeout=15):
-        assert sys.getswitchinterval() == pytest.approx(0.0005)
-        assert gc.get_freeze_count() > 10_000
+    calc.app.conf.batching_switch_interval = 0.0005
+    try:
+        with embedded_worker(calc.app, pool="solo", perform_ping_check=False,
+                             queues=[f"q{uuid.uuid4().hex[:10]}"], shutdown_timeout=15):
+            assert sys.getswitchinterval() == pytest.approx(0.0005)
+            assert gc.get_freeze_count() > 10_000
+    finally:
+        calc.app.conf.batching_switch_interval = None
     assert (sys.getswitchinterval(), gc.get_freeze_count()) == (pytest.approx(0.005), 0)
 
 
