@@ -19,13 +19,13 @@ from celery import bootsteps
 from celery.utils.log import get_logger
 
 from . import control  # noqa: F401  (registers the remote-control commands)
+from . import interpreter
 from ._internals import worker
 from ._internals.kombu_redis import install_bulk_fetch
 from .buffer import INVALID, BatchBuffer
 from .completion import Completion
 from .consumer_thread import ConsumerThread
 from .dispatch import Batch, BatchDispatcher
-from . import interpreter
 from .latency import LatencyModel
 from .metrics import BatchMetrics
 from .prefetch import Prefetch
