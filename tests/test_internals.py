@@ -317,7 +317,13 @@ def test_bulk_publisher_never_pushes_a_pipeline_twice(tmp_path):
             pipe.execute_command("DEBUG", "SLEEP", "0.6")  # the replies come after the timeout
             with pytest.raises(redis.TimeoutError):
                 pipe.execute()
-        assert server.client().llen("hazard") == 20, "redis-py no longer replays: revisit this test"
+        # The replayed pushes wait in the server behind the first DEBUG SLEEP; another client's
+        # LLEN may be served before them, so wait for them (at most ~2 s).
+        check = server.client()
+        deadline = time.monotonic() + 2.0
+        while check.llen("hazard") < 20 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert check.llen("hazard") == 20, "redis-py no longer replays: revisit this test"
 
         with Connection(server.url(), transport_options={"socket_timeout": 0.3}) as conn:
             channel = conn.default_channel
