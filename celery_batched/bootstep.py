@@ -65,7 +65,9 @@ class BatchingStep(bootsteps.StartStopStep):
         #: (callbacks then come from the pool's result thread and the timer thread).
         self.thread_lock: Any = contextlib.nullcontext() if c.hub else threading.RLock()
         self._previous_switch: float | None = None
-        self._froze = False
+        # Before the pool forks its processes: they start with the heap frozen too, so their
+        # own freeze after setup() collects only what was made since.
+        self._froze = interpreter.freeze_startup_heap(c.app)
 
     def start(self, c: Any) -> None:
         first = self.thread is None
@@ -94,8 +96,8 @@ class BatchingStep(bootsteps.StartStopStep):
         if disable and c.task_consumer is not None:
             self._disable_prefetch(c.task_consumer.channel.qos)
         self.prefetch.apply()
-        if first:
-            self._froze = interpreter.freeze_startup_heap(c.app)
+        if first:  # what start-up made since: the connection, the pool, the consumer's state
+            interpreter.freeze_startup_heap(c.app)
 
     def _direct_receiver(self, payload: dict[str, Any]) -> Any:
         """The batched task's own entry for a message the bulk fetch popped (or None)."""

@@ -35,8 +35,10 @@ PYTHON_DEFAULT_SWITCH_INTERVAL = 0.005
 def freeze_startup_heap(app: Any) -> bool:
     """Collect, then freeze what is left (unless the app's ``batching_gc_freeze`` is False).
 
-    Called in the worker's main process at the end of its first start, and in each pool
-    process after a batched task's ``setup()``, so a model loaded there is frozen too.
+    Called in the worker's main process while the consumer is assembled (before the pool forks,
+    so pool processes inherit it) and again at the end of its first start, and in each pool
+    process after a batched task's ``setup()``, so a model loaded there is frozen too; each later
+    call collects only what the earlier ones did not freeze.
     """
     if not app.conf.get("batching_gc_freeze", True):
         return False
