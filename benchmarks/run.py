@@ -835,12 +835,6 @@ def _listener(url: str, conn: Any, ready: Any, stop: Any) -> None:
 
     import hiredis
 
-    def command(*parts: bytes) -> bytes:
-        out = [b"*%d\r\n" % len(parts)]
-        for part in parts:
-            out.append(b"$%d\r\n%s\r\n" % (len(part), part))
-        return b"".join(out)
-
     u = urlparse(url)
     sock = socket.create_connection((u.hostname or "127.0.0.1", u.port or 6379), timeout=5)
     reader = hiredis.Reader()
@@ -852,10 +846,10 @@ def _listener(url: str, conn: Any, ready: Any, stop: Any) -> None:
 
     if u.password:
         auth = [unquote(u.username).encode()] if u.username else []
-        sock.sendall(command(b"AUTH", *auth, unquote(u.password).encode()))
+        sock.sendall(hiredis.pack_command((b"AUTH", *auth, unquote(u.password).encode())))
         if isinstance(reply(), Exception):
             raise RuntimeError("result listener: AUTH refused")
-    sock.sendall(command(b"PSUBSCRIBE", RESULT_PREFIX.encode() + b"*"))
+    sock.sendall(hiredis.pack_command((b"PSUBSCRIBE", RESULT_PREFIX.encode() + b"*")))
     while not (isinstance(msg := reply(), list) and msg[0] == b"psubscribe"):
         pass
     ready.set()
@@ -994,6 +988,7 @@ def sender_heap_frozen() -> Iterator[None]:
         gc.unfreeze()
 
 
+@sender_heap_frozen()
 def paced_send(task: Any, queue: str, n: int | None, interval: float, duration: float | None = None,
                burst_tick: float | None = None) -> Sent:
     """Send items at one per ``interval`` seconds (n items, or for ``duration`` seconds).
@@ -1005,44 +1000,43 @@ def paced_send(task: Any, queue: str, n: int | None, interval: float, duration: 
     is: a full collection of it once stalled the sender ~100 ms inside a call on 2 cores, and
     that call's items then measured the sender's pause, not the worker.
     """
-    with sender_heap_frozen():
-        submits: dict[str, float] = {}
-        argmap: dict[str, tuple[int, int]] = {}
-        start = time.perf_counter()
-        i = 0
-        last_send = -math.inf
-        while True:
-            now = time.perf_counter()
-            if duration is not None and now - start >= duration:
-                break
-            if n is not None and i >= n:
-                break
-            if burst_tick is None:
-                target = start + i * interval
-                if target > now:
-                    time.sleep(target - now)
-                tid = str(uuid.uuid4())
-                args = (i, 3 * i)
-                submits[tid] = time.time()
-                task.apply_async(args, task_id=tid, queue=queue)
-                argmap[tid] = args
-                i += 1
-                continue
-            due = int((now - start) / interval) + 1
-            if n is not None:
-                due = min(due, n)
-            if due > i:
-                batch = [(j, 3 * j) for j in range(i, due)]
-                t_submit = time.time()
-                for res, args in zip(task.starmap_items(batch, queue=queue), batch):
-                    submits[res.id] = t_submit
-                    argmap[res.id] = args
-                i = due
-                last_send = now
-            wake = max(start + i * interval, last_send + burst_tick)
-            delay = wake - time.perf_counter()
-            if delay > 0:
-                time.sleep(delay)
+    submits: dict[str, float] = {}
+    argmap: dict[str, tuple[int, int]] = {}
+    start = time.perf_counter()
+    i = 0
+    last_send = -math.inf
+    while True:
+        now = time.perf_counter()
+        if duration is not None and now - start >= duration:
+            break
+        if n is not None and i >= n:
+            break
+        if burst_tick is None:
+            target = start + i * interval
+            if target > now:
+                time.sleep(target - now)
+            tid = str(uuid.uuid4())
+            args = (i, 3 * i)
+            submits[tid] = time.time()
+            task.apply_async(args, task_id=tid, queue=queue)
+            argmap[tid] = args
+            i += 1
+            continue
+        due = int((now - start) / interval) + 1
+        if n is not None:
+            due = min(due, n)
+        if due > i:
+            batch = [(j, 3 * j) for j in range(i, due)]
+            t_submit = time.time()
+            for res, args in zip(task.starmap_items(batch, queue=queue), batch):
+                submits[res.id] = t_submit
+                argmap[res.id] = args
+            i = due
+            last_send = now
+        wake = max(start + i * interval, last_send + burst_tick)
+        delay = wake - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
     return submits, argmap, {tid: task.name for tid in submits}
 
 
