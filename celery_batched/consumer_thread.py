@@ -26,6 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ._in_flight import InFlight
+
 logger = logging.getLogger(__name__)
 
 

@@ -26,7 +26,7 @@ from celery_batched import (BatchedTask, BatchedTaskDefinitionError, BatchedTask
                             BatchSetupError, ItemArgumentsError, batching_stats)
 
 from .apps import behaviour
-from .workers import ROOT, captured_events, wait_for
+from .workers import ROOT, captured_events, exits_before_ready, wait_for
 
 APP = "tests.apps.behaviour"
 
@@ -352,13 +352,6 @@ def test_rate_limit_command_refuses_batched_tasks(redis_client, queue, start_wor
 # 10. Refusing to start when misconfigured
 # ------------------------------------------------------------------------------------------------
 
-def _exits_before_ready(start_worker, queue: str, env: dict[str, str]) -> tuple[int, str]:
-    with pytest.raises(RuntimeError, match="worker exited with") as err:
-        start_worker(APP, queues=queue, env=env)
-    code = int(re.search(r"worker exited with (-?\d+)", str(err.value)).group(1))
-    return code, str(err.value)
-
-
 @pytest.mark.parametrize("serializer, module, hint", [
     ("yaml", "yaml", "pip install PyYAML"),
     ("msgpack", "msgpack", "pip install msgpack"),
@@ -378,7 +371,7 @@ def test_refuses_to_start_without_the_result_serializers_library(redis_client, q
                            env={**os.environ, "PYTHONPATH": pythonpath})
     assert probe.returncode != 0, f"the test could not hide {module}"
 
-    code, log = _exits_before_ready(start_worker, queue, {
+    code, log = exits_before_ready(start_worker, APP, queue, {
         "BEHAVIOUR_RESULT_SERIALIZER": serializer, "PYTHONPATH": pythonpath})
     assert code != 0
     assert " ready." not in log
@@ -389,7 +382,7 @@ def test_refuses_to_start_without_the_result_serializers_library(redis_client, q
 
 def test_refuses_to_start_with_visibility_timeout_below_time_limit(redis_client, queue,
                                                                    start_worker):
-    code, log = _exits_before_ready(start_worker, queue, {"BEHAVIOUR_VISIBILITY_TIMEOUT": "5"})
+    code, log = exits_before_ready(start_worker, APP, queue, {"BEHAVIOUR_VISIBILITY_TIMEOUT": "5"})
     assert code != 0
     assert " ready." not in log
     assert "WorkerConfigurationError" in log

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,6 +14,8 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -126,3 +129,12 @@ def captured_events(app: Any) -> Iterator[list[dict]]:
     finally:
         holder["recv"].should_stop = True
         thread.join(5)
+
+
+def exits_before_ready(start_worker: Any, app_module: str, queue: str,
+                       env: dict[str, str]) -> tuple[int, str]:
+    """Start a worker that must exit before it is ready: its exit status and its log."""
+    with pytest.raises(RuntimeError, match="worker exited with") as err:
+        start_worker(app_module, queues=queue, env=env)
+    code = int(re.search(r"worker exited with (-?\d+)", str(err.value)).group(1))
+    return code, str(err.value)
