@@ -78,6 +78,13 @@ class MetaEncoder:
             import msgpack  # present: the backend itself needs it to encode
 
             self._packb: Callable[[Any], bytes] = lambda v: msgpack.packb(v, use_bin_type=True)
+            # The meta's keys and constant values, packed once: per item only the result and
+            # the ids are packed (date_done once per batch).
+            p = self._packb
+            self._mp_head = p("status") + p("SUCCESS") + p("result")
+            self._mp_tail = p("traceback") + p(None) + p("children") + p([]) + p("date_done")
+            self._mp_ids = (p("task_id"), p("group_id"), p("parent_id"))
+            self._mp_date: tuple[str, bytes] = ("", b"")
 
     def encode(self, task_ids: Sequence[str], headers: Sequence[dict[str, Any]],
                values: Any, date_done: str,
@@ -134,16 +141,18 @@ class MetaEncoder:
     def _msgpack_meta(self, task_id: str, headers: dict[str, Any], value: Any,
                       date_done: str) -> bytes:
         pack = self._packb
+        if self._mp_date[0] != date_done:
+            self._mp_date = (date_done, pack(date_done))
+        task_key, group_key, parent_key = self._mp_ids
         group, parent = headers.get("group"), headers.get("parent_id")
         n = 6 + bool(group) + bool(parent)
         packed = value.data if type(value) is _Packed else pack(value)
-        parts = [bytes((0x80 | n,)), pack("status"), pack("SUCCESS"), pack("result"), packed,
-                 pack("traceback"), pack(None), pack("children"), pack([]),
-                 pack("date_done"), pack(date_done), pack("task_id"), pack(task_id)]
+        parts = [bytes((0x80 | n,)), self._mp_head, packed, self._mp_tail, self._mp_date[1],
+                 task_key, pack(task_id)]
         if group:
-            parts += (pack("group_id"), pack(group))
+            parts += (group_key, pack(group))
         if parent:
-            parts += (pack("parent_id"), pack(parent))
+            parts += (parent_key, pack(parent))
         return b"".join(parts)
 
     def _dict_meta(self, task_id: str, headers: dict[str, Any], value: Any, date_done: str) -> Any:
