@@ -1417,18 +1417,20 @@ def section_embed(cfg: Config, rep: Report) -> None:
         f"max_batch_size={batch} (EXAMPLE_EMBED_BATCH_SIZE; {'CUDA' if cuda else 'CPU'} default "
         f"{128 if cuda else 32}{', --embed-batch' if cfg.embed_batch else ''})")
 
+    def on_worker_batches() -> list[Any]:
+        """The model called directly on the very batches the worker runs: the sentences in
+        arrival order, one call per ``batch`` of them. (One ``encode`` call over all of them
+        would sort the whole set by length first and pad less than any worker can: a different
+        workload.)"""
+        return [encode_array(model, texts[i:i + batch]) for i in range(0, len(texts), batch)]
+
     def direct_on_texts() -> float:
-        """The model called directly on the very batches the worker runs -- the sentences in
-        arrival order, one call per ``batch`` of them -- in sentences/s. (One ``encode`` call
-        over all of them would sort the whole set by length first and pad less than any worker
-        can: a different workload.)"""
+        """``on_worker_batches`` in sentences/s."""
         t = time.perf_counter()
-        for i in range(0, len(texts), batch):
-            encode_array(model, texts[i:i + batch])
+        on_worker_batches()
         return len(texts) / (time.perf_counter() - t)
 
-    reference = encode_array(model, texts, batch_size=batch).tolist()
-    direct_on_texts()  # warms these shapes
+    reference = [row for chunk in on_worker_batches() for row in chunk.tolist()]  # warms the shapes
 
     def through_worker(task: Any, w: Worker, items: Sequence[str], bulk: bool = False
                        ) -> tuple[float, float | None, dict[str, float]]:
