@@ -1,6 +1,6 @@
 # Two commands do all set-up on a fresh machine:
 #   make demo   -- install into .venv, then run the batching demo (no server needed)
-#   make test   -- install into .venv, make sure Redis and RabbitMQ run, then run the tests
+#   make test   -- install into .venv, make sure Redis, RabbitMQ and PostgreSQL run, then run the tests
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # The CPU build; a plain `torch` requirement would pull a multi-GB CUDA build.

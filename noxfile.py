@@ -1,8 +1,9 @@
 """The version matrix: the suite on each Celery/kombu minor release this package claims.
 
 ``make test`` runs everything on the newest release (the project's .venv); ``make test-matrix``
-(this file) runs the engine, behaviour, policies, monitoring, fault-injection and internals
-tests on the other ones, each with the redis-py its own ``[redis]`` extra allows. ``tests/test_internals.py`` pins the
+(this file) runs the engine, behaviour, policies, monitoring, fault-injection, guarantees and
+internals tests, and the configuration x fault matrix's cells that go through Celery's own
+request handlers, on the other ones, each with the redis-py its own ``[redis]`` extra allows. ``tests/test_internals.py`` pins the
 Celery/kombu functions we mirror to exactly these releases.
 """
 
@@ -25,10 +26,15 @@ nox.options.error_on_missing_interpreters = True
 @nox.parametrize("celery,kombu", MATRIX, ids=[f"celery-{c}" for c, _ in MATRIX])
 def matrix(session: nox.Session, celery: str, kombu: str) -> None:
     session.install(f"celery[redis,msgpack]=={celery}", f"kombu=={kombu}", "hiredis", "numpy",
-                    "prometheus-client",
+                    "prometheus-client", "sqlalchemy>=2", "psycopg2-binary>=2.9",
+                    "psycopg[binary]>=3.1",
                     "pytest>=8", "pytest-timeout>=2.3", "psutil>=5.9")
     session.install("--no-deps", "-e", ".")
     env = {"TEST_REDIS_URL": REDIS, "TEST_BROKER_URL": REDIS, "TEST_BACKEND_URL": REDIS}
+    # The matrix's cells whose path runs through Celery's own Request handlers (lost children,
+    # time limits, backend faults); the rest of it runs on the newest release only.
     session.run("python", "-m", "pytest", "tests/test_core.py", "tests/test_behaviour.py",
                 "tests/test_policies.py", "tests/test_monitoring.py",
-                "tests/test_internals.py", "tests/test_reliability.py", *session.posargs, env=env)
+                "tests/test_internals.py", "tests/test_reliability.py",
+                "tests/test_guarantees.py", "tests/test_quorum.py", "tests/test_shutdown.py",
+                "tests/matrix", "-m", "not matrix or celery_handlers", *session.posargs, env=env)

@@ -21,7 +21,7 @@ from celery.utils.log import get_logger
 from . import control  # noqa: F401  (registers the remote-control commands)
 from . import interpreter
 from ._internals import worker
-from ._internals.kombu_redis import install_bulk_fetch
+from ._internals.kombu_redis import guard_close, install_bulk_fetch
 from .buffer import INVALID, BatchBuffer
 from .completion import Completion
 from .consumer_thread import ConsumerThread
@@ -72,11 +72,12 @@ class BatchingStep(bootsteps.StartStopStep):
     def start(self, c: Any) -> None:
         first = self.thread is None
         if self.thread is None:  # first start: what lives as long as the worker
-            check_worker(c.app, c.connection.transport.driver_type)
+            check_worker(c.app, c.connection.transport.driver_type,
+                         getattr(c.controller, "max_concurrency", None) or self.slots())
             self._previous_switch = interpreter.shorten_switch_interval(c.app)
             self.thread = ConsumerThread(c, self.thread_lock)
             self.writer = ResultWriter(on_written=self._written)
-            self.thread.before_close(lambda: self._drain_writer())
+            self.thread.drain_at_close(self._drain_writer, SHUTDOWN_DRAIN_S)
             port = c.app.conf.get("batching_metrics_port")
             if port:
                 self.metrics = BatchMetrics(self._buffered)
@@ -88,13 +89,24 @@ class BatchingStep(bootsteps.StartStopStep):
         else:
             self.thread.arm()
         self.buffers = {}
-        if c.app.conf.get("batching_redis_bulk_fetch", True) and c.task_consumer is not None:
-            install_bulk_fetch(c.task_consumer.channel, self._direct_receiver)
+        if c.task_consumer is not None:
+            guard_close(c.task_consumer.channel)
+            if c.app.conf.get("batching_redis_bulk_fetch", True):
+                install_bulk_fetch(c.task_consumer.channel, self._direct_receiver)
         disable = bool(c.app.conf.get("worker_disable_prefetch")) and \
             c.connection.transport.driver_type == "redis"
         self.prefetch = Prefetch(c.qos, self.slots, disable_prefetch=disable)
         if disable and c.task_consumer is not None:
             self._disable_prefetch(c.task_consumer.channel.qos)
+        quorum = worker.static_prefetch_queue(c)
+        if quorum is not None:  # a count sent once the consumer consumes never reaches it
+            count, base, share = self.prefetch.set_static(
+                getattr(c.controller, "max_concurrency", None) or self.slots(),
+                [t._batch_spec.max_batch_size for t in c.app.tasks.values()
+                 if getattr(t, "_batch_spec", None) is not None])
+            logger.info("celery_batched: queue %r is a quorum queue: RabbitMQ applies prefetch "
+                        "per consumer, set once before consuming: %d (Celery's %d + batching's "
+                        "%d)", quorum, count, base, share)
         self.prefetch.apply()
         if first:  # what start-up made since: the connection, the pool, the consumer's state
             interpreter.freeze_startup_heap(c.app)
@@ -173,9 +185,7 @@ class BatchingStep(bootsteps.StartStopStep):
         if self.thread is not None and not self.thread.has_loop:
             # No event loop whose close would do it: the pool's last callbacks, the results they
             # hand to the writer, the writer's completions, then the acks those queued.
-            self.thread.drain(SHUTDOWN_DRAIN_S)
-            self._drain_writer()
-            self.thread.drain(SHUTDOWN_DRAIN_S)
+            self.thread.settle(self._drain_writer, SHUTDOWN_DRAIN_S)
             c.perform_pending_operations()
             self.thread.close()
         if self.writer is not None:
@@ -185,11 +195,15 @@ class BatchingStep(bootsteps.StartStopStep):
         interpreter.restore(self._previous_switch, self._froze)
         self._previous_switch, self._froze = None, False
 
-    def _drain_writer(self) -> None:
-        if self.writer is not None and not self.writer.drain(SHUTDOWN_DRAIN_S):
-            logger.error("celery_batched: %d batch(es) still waiting for their results to be "
-                         "stored after %ss; their messages stay unacknowledged and will be "
-                         "delivered again", self.writer.pending, SHUTDOWN_DRAIN_S)
+    def _drain_writer(self, timeout: float) -> bool:
+        """Wait (at most ``timeout`` s) until the writer stored what it was given and handed the
+        completions to the consumer's thread; True if it did."""
+        if self.writer is None or self.writer.drain(timeout):
+            return True
+        logger.error("celery_batched: %d batch(es) still waiting for their results to be "
+                     "stored after %ss; their messages stay unacknowledged and will be "
+                     "delivered again", self.writer.pending, SHUTDOWN_DRAIN_S)
+        return False
 
     def _written(self, batch: Batch, reply: Any, written: Any) -> None:
         assert self.dispatcher is not None
@@ -218,7 +232,8 @@ class BatchingStep(bootsteps.StartStopStep):
     def reconfigure(self, task: Any, changes: dict[str, Any]) -> dict[str, Any]:
         """``configure_batching``: new options for ``task`` on this worker, from now on."""
         with self.thread_lock:
-            spec = task._batch_spec.reconfigured(changes)
+            previous = task._batch_spec
+            spec = previous.reconfigured(changes)
             task._batch_spec = spec  # this process only: the pool's copy binds, never buffers
             buffer = self.buffers.get(task.name)
             if buffer is not None:
@@ -228,6 +243,12 @@ class BatchingStep(bootsteps.StartStopStep):
                 latency.reconfigure(spec.max_latency_ms, spec.max_batch_size)
         logger.info("celery_batched: %s reconfigured: %s", task.name,
                     " ".join(f"{k}={v}" for k, v in sorted(changes.items())))
+        static = self.prefetch.static if self.prefetch is not None else None
+        if static is not None and spec.max_batch_size > previous.max_batch_size:
+            logger.warning("celery_batched: %s max_batch_size=%d can't raise the prefetch count: "
+                           "RabbitMQ applies it per consumer (quorum queue), set once before "
+                           "consuming (%d) until the consumer reconnects; batches may not fill",
+                           task.name, spec.max_batch_size, static)
         return spec.settings()
 
     def _buffered(self) -> dict[str, int]:
@@ -254,6 +275,47 @@ class BatchingStep(bootsteps.StartStopStep):
                 out[name]["latency"] = self.latency_models[name].snapshot()
         return out
 
+    @classmethod
+    def attach_late(cls, c: Any) -> BatchingStep | None:
+        """Add batching to a consumer built before any ``BatchedTask`` was bound to its app;
+        None where it can't be (not a Celery consumer, or one that is stopping).
+
+        The case is Celery's own testing pattern: ``celery.contrib.pytest``'s ``celery_worker``
+        (or ``start_worker``) runs, a batched task is defined in the test, and
+        ``celery_worker.reload()`` builds its strategy -- on the test's thread -- for a consumer
+        whose blueprint has no batching step. The step joins ``c.steps`` just before the event
+        loop's step, where a blueprint built with it has it, so the worker's stop and shutdown
+        and a reconnect's restart reach it like any other step. ``start`` must run on the
+        consumer's thread (its ``ConsumerThread`` is bound to that thread; the qos, the channel
+        and the event loop are that thread's). A blueprint that is still starting starts the
+        step in order. One already in its event loop can't: the step then starts on the first
+        entry into its ``thread_lock``, which before the step has started only the consumer's
+        thread makes (a batched task's message handler, a remote-control command).
+        """
+        blueprint = getattr(c, "blueprint", None)
+        steps = getattr(c, "steps", None)
+        if (blueprint is None or not isinstance(steps, list)
+                or blueprint.state in (bootsteps.CLOSE, bootsteps.TERMINATE)):
+            return None
+        current = getattr(c, "batching", None)
+        if isinstance(current, cls):
+            return current
+        at = len(steps) - 1 if steps and getattr(steps[-1], "last", False) else len(steps)
+        running = blueprint.state == bootsteps.RUN and blueprint.started == len(steps)
+        step = cls(c)
+        if running:
+            step.thread_lock = _StartOnEntry(step, c, step.thread_lock)
+            # Blueprint.start is iterating the old list (it is in the event loop's step): a new
+            # list keeps it from running that step again when the loop returns.
+            c.steps = [*steps[:at], step, *steps[at:]]
+            blueprint.started += 1  # Blueprint.stop stops the steps only when all started
+        else:
+            steps.insert(at, step)
+        blueprint.steps.setdefault(step.name, step)
+        logger.info("celery_batched: batching attached to the running consumer (its blueprint "
+                    "was built before a BatchedTask was bound to the app)")
+        return step
+
 
 class _LockedTimer:
     """A timer whose callbacks take the consumer's lock (transports without an event loop)."""
@@ -266,3 +328,19 @@ class _LockedTimer:
             with self.lock:
                 fun(*a)
         return self.timer.call_after(secs, locked, args)
+
+
+class _StartOnEntry:
+    """The consumer's lock of a step attached to a running consumer (``attach_late``): the
+    first entry, on the consumer's thread, starts the step, then every entry takes the lock."""
+
+    def __init__(self, step: BatchingStep, consumer: Any, lock: Any) -> None:
+        self.step, self.consumer, self.lock = step, consumer, lock
+
+    def __enter__(self) -> Any:
+        if self.step.thread is None:
+            self.step.start(self.consumer)
+        return self.lock.__enter__()
+
+    def __exit__(self, *exc: Any) -> Any:
+        return self.lock.__exit__(*exc)

@@ -15,7 +15,7 @@ from typing import Any
 
 from celery.utils.log import get_logger
 
-from ._internals import worker
+from ._internals import trace, worker
 from ._internals.events import BatchEventer
 from ._internals.kombu_redis import ack_many
 from ._wire import DONE, FAILED, RETRIED, STORE, UNSTORED, BatchReply
@@ -53,9 +53,10 @@ class Completion:
         """Every item's outcome is recorded (or could not be): acknowledge, report, release."""
         task, items = batch.task, batch.items
         acks_late = task.acks_late
-        send = self.consumer.event_dispatcher.send if self._events_on(task) else None
+        events = self._events_on(task)
+        send = self.consumer.event_dispatcher.send if events else None
         done: list[Any] = []
-        handed_back = failed = 0
+        handed_back = failed = lost = 0
         # Each item's share of the batch's time: summed over items (Flower's runtime metric),
         # it is the time the batch took, not n times that. The whole is ``batch_runtime``.
         share = reply.runtime / len(items)
@@ -72,14 +73,18 @@ class Completion:
                     send("task-succeeded", uuid=item.id, result=extra, runtime=share,
                          batch_runtime=round(reply.runtime, 6), **batch_fields(batch, item))
             elif code in (FAILED, RETRIED):
-                failed += code == FAILED
-                _guard(self._request(batch, item, send is not None).on_success,
-                       (1, extra, share))
-                worker.task_ready(item)
+                if self._handle(batch, item, events, "on_success", ((1, extra, share),),
+                                stored=True):
+                    handed_back += 1
+                else:
+                    failed += code == FAILED
             elif code == UNSTORED:
-                handed_back += 1
-                self._ack(_guard, item.reject, True)
-                worker.task_ready(item)
+                if acks_late:
+                    handed_back += 1
+                    self._hand_back(item)
+                else:
+                    lost += 1
+                    worker.task_ready(item)
         if done:
             if acks_late:
                 self._ack(ack_many, [it.message for it in done], done[0].source.connection_errors)
@@ -88,22 +93,31 @@ class Completion:
         if handed_back:
             logger.warning("celery_batched: batch %s of %s: %d item(s) handed back to the broker: "
                            "their outcome could not be stored", batch.id, task.name, handed_back)
+        if lost:
+            logger.error("celery_batched: batch %s of %s: the outcome of %d item(s) could not be "
+                         "stored, and their messages were acknowledged when the batch started "
+                         "(acks_late=False): they stay PENDING. Keep acks_late=True (the "
+                         "default) to have them run again instead. Items: %s", batch.id,
+                         task.name, lost, _ids(items, reply.codes, written))
         self._log(batch, reply, len(done))
         if self.metrics is not None:
             self.metrics.finished(batch, reply.runtime, len(done), failed,
-                                  len(items) - len(done) - failed - handed_back, handed_back)
+                                  len(items) - len(done) - failed - handed_back - lost,
+                                  handed_back + lost)
         batch.credit.release(len(items))
 
     def failed(self, batch: Any, exc_info: Any) -> None:
-        """The pool lost the job (worker lost, terminated, hard time limit): Celery's handling."""
+        """The pool lost the job (worker lost, terminated, hard time limit): Celery's handling,
+        except that no item is acknowledged before its failure is stored."""
         events = self._events_on(batch.task)
-        for item in batch.items:
-            _guard(self._request(batch, item, events).on_failure, exc_info)
-            worker.task_ready(item)
+        handed_back = sum(self._handle(batch, item, events, "on_failure", (exc_info,))
+                          for item in batch.items)
         if self.metrics is not None:
-            self.metrics.finished(batch, None, 0, len(batch.items), 0, 0)
-        logger.error("celery_batched: batch %s of %d %s failed in the pool: %r", batch.id,
-                     len(batch.items), batch.task.name, getattr(exc_info, "exception", exc_info))
+            self.metrics.finished(batch, None, 0, len(batch.items) - handed_back, 0, handed_back)
+        logger.error("celery_batched: batch %s of %d %s failed in the pool: %r%s", batch.id,
+                     len(batch.items), batch.task.name, getattr(exc_info, "exception", exc_info),
+                     f"; {handed_back} item(s) handed back to the broker: their failure could "
+                     f"not be stored" if handed_back else "")
         batch.credit.release(len(batch.items))
 
     def timed_out(self, batch: Any, soft: bool, timeout: float) -> None:
@@ -111,9 +125,50 @@ class Completion:
             logger.warning("celery_batched: batch %s of %d %s: soft time limit (%ss) exceeded",
                            batch.id, len(batch.items), batch.task.name, timeout)
             return
+        events = self._events_on(batch.task)
         for item in batch.items:
-            _guard(item.request().on_timeout, soft, timeout)
-            worker.task_ready(item)
+            self._handle(batch, item, events, "on_timeout", (soft, timeout))
+
+    def _handle(self, batch: Any, item: Any, events: bool, handler: str, args: tuple[Any, ...],
+                stored: bool = False) -> bool:
+        """Celery's ``Request.<handler>(*args)`` for one item, its acknowledgement held until
+        the handler returned; True if the item went back to the broker instead.
+
+        ``stored``: the pool stored the item's outcome already. A handler that raised because
+        the backend did not take a write hands the item back; one that raised for another
+        reason (Celery's re-raises a ``MemoryError`` before it acknowledges anything) is
+        finished here, so that no item is left unacknowledged with its prefetch slot freed.
+        """
+        req = self._request(batch, item, events)
+        held = worker.HeldAcks(req)
+        try:
+            getattr(req, handler)(*args)
+        except Exception as exc:
+            if trace.is_outage(exc, batch.task.backend):
+                held.discard()
+                self._hand_back(item)
+                return True
+            held.release()
+            logger.error("celery_batched: %s[%s]: Celery's %s raised %s: %s", batch.task.name,
+                         item.id, handler, type(exc).__name__, exc)
+            if not req.acknowledged:
+                if not stored:
+                    self._hand_back(item)
+                    return True
+                if batch.task.acks_late:
+                    req.acknowledge()
+                if events and handler == "on_success":
+                    einfo = args[0][1]
+                    req.send_event("task-failed", exception=_exception_text(einfo),
+                                   traceback=getattr(einfo, "traceback", None))
+        else:
+            held.release()
+        worker.task_ready(item)
+        return False
+
+    def _hand_back(self, item: Any) -> None:
+        self._ack(_guard, item.reject, True)
+        worker.task_ready(item)
 
     @staticmethod
     def _request(batch: Any, item: Any, events: bool) -> Any:
@@ -134,6 +189,23 @@ class Completion:
                         waited, succeeded, n - succeeded)
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("Batch %s items: %s", batch.id, " ".join(it.id for it in batch.items))
+
+
+def _exception_text(einfo: Any) -> str:
+    exc = trace.raw_exception(einfo) if hasattr(einfo, "exception") else einfo
+    return f"{type(exc).__name__}({str(exc)!r})"
+
+
+def _ids(items: Any, codes: bytes, written: Written | None) -> str:
+    """The ids of a batch's UNSTORED items, at most ten."""
+    statuses = iter(written or ())
+    ids = []
+    for item, code in zip(items, codes):
+        if code == STORE:
+            code = UNSTORED if next(statuses)[0] == "unstored" else DONE
+        if code == UNSTORED:
+            ids.append(item.id)
+    return " ".join(ids[:10]) + (f" and {len(ids) - 10} more" if len(ids) > 10 else "")
 
 
 def _guard(handler: Callable[..., Any], *args: Any) -> None:

@@ -44,9 +44,18 @@ def batching_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Any:
     """
     batching = getattr(consumer, "batching", None)
     if batching is None:
-        raise BatchingNotInstalledError(
-            f"{task.name} is a BatchedTask but this worker's consumer has no batching bootstep; "
-            f"add app.steps['consumer'].add(celery_batched.BatchingStep) where the app is defined")
+        # A consumer built before any BatchedTask was bound to the app: Celery's testing pattern
+        # (a task defined in the test, then celery_worker.reload()). The step is attached now
+        # and starts on the consumer's thread (BatchingStep.attach_late).
+        from .bootstep import BatchingStep
+
+        batching = BatchingStep.attach_late(consumer)
+        if batching is None:
+            raise BatchingNotInstalledError(
+                f"{task.name} is a BatchedTask but this worker's consumer has no batching "
+                f"bootstep, and none can be attached to it now (it is stopping, or it is not a "
+                f"Celery consumer); add app.steps['consumer'].add(celery_batched.BatchingStep) "
+                f"where the app is defined, before the worker starts")
     hostname = consumer.hostname
     connection_errors = consumer.connection_errors
     does_debug = logger.isEnabledFor(logging.DEBUG)

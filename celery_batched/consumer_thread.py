@@ -4,9 +4,12 @@ A batch finishes on another thread (a pool thread with ``-P threads``, the resul
 acknowledgements must go through the consumer's channel on the consumer's thread. With an event
 loop, callbacks are queued and the loop is woken through a pipe it watches (kombu's own
 ``Hub.call_soon`` only wakes the loop from kombu 5.7 on). At shutdown the loop stops polling
-before the last acks: what is queued runs from ``Hub.close`` (``hub.on_close``), after the
-result writer has finished. A reconnect resets the loop (``Hub.reset`` also calls ``on_close``):
-queued callbacks run then, and ``arm`` registers the pipe again when the consumer restarts.
+before the last acks: what is queued runs from ``Hub.close`` (``hub.on_close``), which Celery
+calls after the pool has stopped and before the broker connection closes. A pool callback still
+queued then hands its batch to the result writer, whose completion (the acks) queues another
+callback: ``settle`` alternates the two until neither has work left. A reconnect resets the
+loop (``Hub.reset`` also calls ``on_close``): queued callbacks run then, and ``arm`` registers
+the pipe again when the consumer restarts.
 
 Transports without an event loop (Celery's ``synloop``: the filesystem transport, SQS) run
 callbacks from other threads on one runner thread, under a lock shared with the consumer's
@@ -21,6 +24,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -42,7 +46,7 @@ class ConsumerThread:
         self._pending: deque[tuple[Callable[..., Any], tuple[Any, ...]]] = deque()
         self._pending_lock = threading.Lock()
         self._signalled = False
-        self._before_close: list[Callable[[], None]] = []
+        self._drain_at_close: tuple[Callable[[float], bool], float] | None = None
         self._rfd = self._wfd = -1
         self._queued: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...]] | None] = \
             queue.SimpleQueue()
@@ -95,13 +99,40 @@ class ConsumerThread:
         else:
             fn(*args)
 
-    def before_close(self, fn: Callable[[], None]) -> None:
-        """Run ``fn`` when the event loop closes, before the callbacks still queued."""
-        self._before_close.append(fn)
+    def drain_at_close(self, drain: Callable[[float], bool], timeout: float) -> None:
+        """When the worker's event loop closes for good: ``settle(drain, timeout)``."""
+        self._drain_at_close = (drain, timeout)
 
-    def drain(self, timeout: float) -> bool:
-        """Without an event loop: wait until the queued callbacks have run (shutdown)."""
-        return self._in_flight.wait_idle(timeout)
+    def settle(self, drain: Callable[[float], bool], timeout: float) -> bool:
+        """The worker is stopping and its pool has stopped: run the callbacks still queued and
+        ``drain(seconds)`` -- wait for the work they handed on (the result writer), whose
+        completions queue more callbacks; True if it all finished -- in turn, until neither has
+        work left or ``timeout`` s have passed. True if everything ran."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self._run_queued_by(deadline)
+            try:
+                drained = drain(max(0.0, deadline - time.monotonic()))
+            except Exception:
+                logger.exception("celery_batched: %r raised while the worker stopped", drain)
+                drained = False
+            if not self._has_queued():
+                return drained
+            if not drained or time.monotonic() >= deadline:
+                self._run_queued_by(deadline)  # what did finish is still acknowledged
+                return False
+
+    def _run_queued_by(self, deadline: float) -> None:
+        if self.hub is None:  # the runner thread runs them
+            self._in_flight.wait_idle(max(0.0, deadline - time.monotonic()))
+        else:
+            self.run_pending()
+
+    def _has_queued(self) -> bool:
+        if self.hub is None:
+            return self._in_flight.count > 0
+        with self._pending_lock:
+            return bool(self._pending)
 
     def _run_queued(self) -> None:
         while True:
@@ -131,18 +162,16 @@ class ConsumerThread:
         self.run_pending()
 
     def _on_hub_close(self, hub: Any) -> None:
-        final = _worker_stopping(self.consumer)
-        if final:
-            for fn in self._before_close:
-                try:
-                    fn()
-                except Exception:
-                    logger.exception("celery_batched: %r raised while the worker stopped", fn)
-        self.run_pending()
-        if final:
-            self.close()
+        if not _worker_stopping(self.consumer):
+            self.run_pending()  # a reconnect resets the loop: the worker goes on
+            return
+        drain, timeout = self._drain_at_close or ((lambda _: True), 0.0)
+        self.settle(drain, timeout)
+        self.close(closing_hub=True)
 
-    def close(self) -> None:
+    def close(self, closing_hub: bool = False) -> None:
+        """``closing_hub``: called from the hub's own ``on_close`` loop, whose set must not
+        change under it (kombu 5.6 iterates the set itself; it is dropped with the hub)."""
         if self.hub is None:
             self._queued.put(None)
         if self._rfd >= 0:
@@ -151,7 +180,8 @@ class ConsumerThread:
                     self.hub.remove_reader(self._rfd)
                 except Exception:
                     pass
-                self.hub.on_close.discard(self._on_hub_close)
+                if not closing_hub:
+                    self.hub.on_close.discard(self._on_hub_close)
             for fd in (self._rfd, self._wfd):
                 try:
                     os.close(fd)

@@ -63,6 +63,11 @@ class ItemResultEncodeError(CeleryBatchedError):
     """
 
 
+class ItemFailureStoreError(CeleryBatchedError):
+    """One item failed with an exception the result backend could not store as it is (too
+    large, say); this error, naming the original exception, is stored in its place."""
+
+
 class BatchSetupError(CeleryBatchedError):
     """``setup()`` of a class-based batched task raised; the batch's items fail with this error.
 
@@ -71,11 +76,15 @@ class BatchSetupError(CeleryBatchedError):
 
 
 class BatchingNotInstalledError(CeleryBatchedError):
-    """A worker received a batched task's message but its consumer has no batching bootstep.
+    """A batched task's strategy was built for a consumer that has no batching bootstep and
+    can't be given one.
 
-    This happens when the app's consumer blueprint was built before any ``BatchedTask`` was
-    bound to the app. Add ``app.steps['consumer'].add(celery_batched.BatchingStep)`` next to
-    the app's definition.
+    A consumer whose blueprint was built before any ``BatchedTask`` was bound to the app gets
+    the step attached when a batched task's strategy is built (Celery's testing pattern: a task
+    defined in the test, then ``celery_worker.reload()``; ``BatchingStep.attach_late``). This is
+    raised only where that can't be done: the consumer is stopping, or it is not a Celery
+    consumer. Add ``app.steps['consumer'].add(celery_batched.BatchingStep)`` next to the app's
+    definition, before the worker starts.
     """
 
 

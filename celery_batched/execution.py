@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from celery import signals
+from celery.exceptions import SoftTimeLimitExceeded
 
 from ._internals import trace
 from ._types import BatchedTaskLike
@@ -59,8 +60,13 @@ def execute_batch(task: BatchedTaskLike, items: Sequence[WireItem], want_repr: b
         call_s = time.monotonic() - call_started
         return outcomes.finish(time.monotonic() - started, call_s)
     except Exception as exc:
-        logger.exception("celery_batched: %s: batch of %d failed outside the function",
-                         task.name, len(items))
+        if trace.is_outage(exc, task.backend):
+            logger.error("celery_batched: %s: the result backend did not take this batch's "
+                         "writes (%s: %s); its %d item(s) go back to the broker", task.name,
+                         type(exc).__name__, exc, len(items))
+        else:
+            logger.exception("celery_batched: %s: batch of %d failed outside the function",
+                             task.name, len(items))
         return outcomes.fail_all(exc, time.monotonic() - started)
     finally:
         if meta_token is not None:
@@ -79,16 +85,24 @@ def call_batch(task: BatchedTaskLike, rows: Sequence[tuple[Any, ...]]) -> Any:
     limit = fit_limit(task).limit if task._batch_spec.oom_errors else None
     if limit is None or len(rows) <= limit:
         return _call_splitting(task, rows)
-    return _concat([_call_splitting(task, rows[i:i + limit])
-                    for i in range(0, len(rows), limit)])
+    parts: list[Any] = []
+    for i in range(0, len(rows), limit):
+        chunk = rows[i:i + limit]
+        if parts and _timed_out(parts[-1]):  # the batch's time is up: no further calls
+            parts.append([parts[-1][0]] * len(chunk))
+        else:
+            parts.append(_call_splitting(task, chunk))
+    return _concat(parts)
 
 
 def _call_splitting(task: BatchedTaskLike, rows: Sequence[tuple[Any, ...]]) -> Any:
     oom_errors = task._batch_spec.oom_errors
     try:
         returned = _call_once(task, rows)
-    except BatchSetupError as exc:
-        return [exc] * len(rows)  # no item is to blame: splitting would re-run setup() per half
+    except (BatchSetupError, SoftTimeLimitExceeded) as exc:
+        # No item is to blame: splitting would re-run setup() per half, or run halves after
+        # the batch's soft time limit until the hard one kills the process.
+        return [exc] * len(rows)
     except Exception as exc:
         out_of_memory = bool(oom_errors) and is_oom(exc, oom_errors)
         if out_of_memory:
@@ -96,16 +110,28 @@ def _call_splitting(task: BatchedTaskLike, rows: Sequence[tuple[Any, ...]]) -> A
             fit_limit(task).out_of_memory(len(rows))
         if (out_of_memory or task.isolate_failures) and len(rows) > 1:
             mid = len(rows) // 2
-            return _concat([_call_splitting(task, rows[:mid]), _call_splitting(task, rows[mid:])])
+            first = _call_splitting(task, rows[:mid])
+            if _timed_out(first):
+                return _concat([first, [first[0]] * (len(rows) - mid)])
+            return _concat([first, _call_splitting(task, rows[mid:])])
         return [exc] * len(rows)
     if oom_errors:
         fit_limit(task).succeeded(len(rows))
     return returned
 
 
+def _timed_out(part: Any) -> bool:
+    """A chunk's outcomes are its rows' ``SoftTimeLimitExceeded`` (lists only: an array is
+    values)."""
+    return isinstance(part, list) and bool(part) and isinstance(part[0], SoftTimeLimitExceeded)
+
+
 def _concat(parts: list[Any]) -> Any:
-    """Outcomes of consecutive chunks, as one array when every chunk returned an array."""
-    if all(type(p).__name__ == "ndarray" for p in parts):
+    """Outcomes of consecutive chunks, as one array when every chunk returned an array of the
+    same row shape and dtype; else a list with one row (or outcome) per item -- chunks padded
+    to their own longest input give rows of different widths."""
+    if all(type(p).__name__ == "ndarray" for p in parts) and \
+            len({(p.shape[1:], p.dtype) for p in parts}) == 1:
         import numpy
         return numpy.concatenate(parts)
     out: list[Any] = []

@@ -29,7 +29,8 @@ from ._internals import trace, worker
 from ._types import BatchedTaskLike
 from ._wire import DONE, FAILED, RETRIED, STORE, UNSTORED, BatchReply, WireItem
 from .encoding import bounded_repr, plain
-from .errors import ItemArgumentsError, ItemDecodeError, ItemResultEncodeError
+from .errors import (ItemArgumentsError, ItemDecodeError, ItemFailureStoreError,
+                     ItemResultEncodeError)
 from .outcomes import RetryItem
 
 logger = logging.getLogger("celery_batched.execution")
@@ -168,7 +169,8 @@ class ItemOutcomes:
         try:
             for i, v in to_store:
                 if self._embed(i).get("chord"):  # mark_as_done runs the chord's part-return logic
-                    task.backend.mark_as_done(self.items[i][0]["id"], v, request=self.context(i))
+                    trace.write_retried(task.backend, task.backend.mark_as_done,
+                                        self.items[i][0]["id"], v, request=self.context(i))
             plain = [(i, v) for i, v in to_store if not self._embed(i).get("chord")]
             trace.store_results(
                 task, [(self.items[i][0]["id"], v, self.context(i)) for i, v in plain],
@@ -229,16 +231,12 @@ class ItemOutcomes:
                 if einfo is None:
                     einfo = infos[id(exc)] = trace.exception_info(exc)
                 try:
-                    task.backend.mark_as_failure(
-                        ctx.id, trace.raw_exception(einfo), einfo.traceback, request=ctx,
-                        store_result=trace.store_errors_for(task, ctx),
-                        call_errbacks=True)
+                    einfo = self._store_failure(ctx, einfo)
                 except Exception as store_exc:
                     if trace.is_outage(store_exc, task.backend):
                         codes[i], extras[i] = UNSTORED, f"{type(store_exc).__name__}: {store_exc}"
                         continue
-                    logger.exception("celery_batched: %s[%s]: storing its failure raised",
-                                     task.name, ctx.id)
+                    raise
                 trace.failure_hooks(task, ctx, einfo)
                 codes[i], extras[i] = FAILED, einfo
                 failed[f"{type(exc).__name__}: {exc}"] += 1
@@ -255,6 +253,34 @@ class ItemOutcomes:
                 task.request_stack.pop()
         self._log(failed, retried, raised)
 
+    def _store_failure(self, ctx: Any, einfo: Any) -> Any:
+        """Store one item's FAILURE (retried while the backend refuses writes); the
+        ``ExceptionInfo`` stored. An exception the backend can't take for what it is (a value
+        too large, say) is stored as an ``ItemFailureStoreError`` saying so: acknowledging the
+        item with nothing stored would leave it PENDING forever."""
+        task = self.task
+        backend = task.backend
+        store = trace.store_errors_for(task, ctx)
+        try:
+            trace.write_retried(backend, backend.mark_as_failure, ctx.id,
+                                trace.raw_exception(einfo), einfo.traceback, request=ctx,
+                                store_result=store, call_errbacks=True)
+            return einfo
+        except Exception as exc:
+            if trace.is_outage(exc, backend):
+                raise
+            logger.exception("celery_batched: %s[%s]: storing its failure raised", task.name,
+                             ctx.id)
+            original = trace.raw_exception(einfo)
+            einfo = trace.exception_info(ItemFailureStoreError(
+                f"{task.name}: this item failed with {type(original).__name__}: "
+                f"{str(original)[:2000]}, which the result backend could not store "
+                f"({type(exc).__name__}: {exc})"))
+        trace.write_retried(backend, backend.mark_as_failure, ctx.id,
+                            trace.raw_exception(einfo), einfo.traceback, request=ctx,
+                            store_result=store, call_errbacks=True)
+        return einfo
+
     def _log(self, failed: Counter[str], retried: int, raised: BaseException | None) -> None:
         name, n = self.task.name, len(self.items)
         if failed:
@@ -270,6 +296,8 @@ class ItemOutcomes:
         """The batch broke outside the function: fail every item (or hand it back)."""
         codes = bytearray([UNSTORED]) * len(self.items)
         extras: dict[int, Any] = {i: f"{type(exc).__name__}: {exc}" for i in range(len(self.items))}
+        if trace.is_outage(exc, self.task.backend):  # say, the STARTED states: all go back
+            return BatchReply(bytes(codes), [], extras, runtime, 0.0)
         try:
             self._record_failures([(i, exc) for i in range(len(self.items))], codes, extras)
         except Exception:

@@ -17,7 +17,7 @@ from typing import Any
 from celery.utils.log import get_logger
 from celery.worker.state import revoked as revoked_tasks
 
-from ._internals import worker
+from ._internals import trace, worker
 from ._wire import WireItem
 
 logger = get_logger(__name__)
@@ -96,11 +96,29 @@ class Item:
 
     def revoked(self) -> bool:
         """Whether this item was revoked or has expired; if so it is marked REVOKED and acked
-        (``Request.revoked``). Cheap unless there is something to check."""
+        (``Request.revoked``). Cheap unless there is something to check.
+
+        Also True when its REVOKED state could not be stored (the result backend is down):
+        then it goes back to the broker, unacknowledged, and the check runs again on its
+        next delivery -- acknowledging it would leave it PENDING forever.
+        """
         headers = self.headers
         if (self.id in revoked_tasks or headers.get("expires")
                 or (headers.get("stamped_headers") and worker.revoked_stamps())):
-            if self.request().revoked():
+            try:
+                revoked = self.request().revoked()
+            except Exception as exc:
+                if trace.is_outage(exc, self.task.backend):
+                    logger.error("%s: revoked or expired, but its state could not be stored "
+                                 "(%s: %s); handed back to the broker", self.humaninfo(),
+                                 type(exc).__name__, exc)
+                else:
+                    logger.exception("%s: checking whether it was revoked raised; handed back "
+                                     "to the broker", self.humaninfo())
+                self.reject(requeue=True)
+                worker.task_ready(self)
+                return True
+            if revoked:
                 worker.task_ready(self)
                 return True
         return False

@@ -12,12 +12,16 @@ setting:
 
 * ``worker_prefetch_multiplier=0`` (unlimited): the base becomes one message per process;
 * ``worker_disable_prefetch`` (Redis): batching fetches only while a pool process is free, and
-  its held messages don't count against Celery's one-per-free-process rule.
+  its held messages don't count against Celery's one-per-free-process rule;
+* RabbitMQ quorum queues: Celery applies the count per consumer (``basic.qos(global=False)``),
+  and RabbitMQ only to consumers that start after it -- the count is static. Batching's share is
+  then every batched task's cap, set once before the task consumer consumes
+  (``Prefetch.set_static``), and credits no longer move it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 #: kombu's ceiling for a prefetch count (``kombu.common.PREFETCH_COUNT_MAX``).
@@ -33,6 +37,9 @@ class Prefetch:
         self.disable_prefetch = disable_prefetch
         self.extra = 0
         self.credits: list[TaskCredit] = []
+        #: The count set once before consuming, where the prefetch count is static (else None).
+        self.static: int | None = None
+        self._static_slots = 0
         if qos is not None:
             self._wrap(qos)
 
@@ -40,7 +47,7 @@ class Prefetch:
         send = qos.callback
 
         def send_with_batching(prefetch_count: int) -> Any:
-            base = prefetch_count or max(1, self.slots())  # 0 is "unlimited": bound it
+            base = prefetch_count or max(1, self._static_slots or self.slots())  # 0: unlimited
             return send(prefetch_count=min(PREFETCH_COUNT_MAX, base + self.extra))
 
         qos.callback = send_with_batching
@@ -49,6 +56,17 @@ class Prefetch:
         credit = TaskCredit(self, max_batch_size)
         self.credits.append(credit)
         return credit
+
+    def set_static(self, slots: int, max_batch_sizes: Iterable[int]) -> tuple[int, int, int]:
+        """The prefetch count is static (per-consumer QoS): batching's share is each batched
+        task's cap with ``slots`` pool processes (the most ``--autoscale`` allows), sent once by
+        ``apply`` before the task consumer consumes. Returns the count, Celery's base and
+        batching's share."""
+        self._static_slots = max(1, slots)
+        self.extra = sum(size * (self._static_slots + 2) for size in max_batch_sizes)
+        base = (self.qos.value if self.qos is not None else 0) or self._static_slots
+        self.static = min(PREFETCH_COUNT_MAX, base + self.extra)
+        return self.static, base, self.extra
 
     def apply(self) -> None:
         """Send the prefetch count now (consumer thread)."""
@@ -60,7 +78,8 @@ class Prefetch:
         return sum(c.held for c in self.credits)
 
     def _change(self, delta: int) -> None:
-        if delta and self.qos is not None:
+        # Static: a count sent now would never reach the consumer; the share stays as set.
+        if delta and self.qos is not None and self.static is None:
             self.extra += delta
             self.qos.prev = None  # the consumer loop re-sends the count (QoS.update) next turn
 

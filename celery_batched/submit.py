@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from celery import signals, states
-from celery.result import AsyncResult, ResultSet
+from celery.result import AsyncResult, EagerResult, ResultSet
 from celery.utils.nodenames import anon_nodename
 from celery.utils.saferepr import saferepr
 
@@ -33,7 +33,7 @@ from .errors import ItemArgumentsError
 
 PUBLISH_BATCH_SIZE = 1000
 _MESSAGE_OPTIONS = ("countdown", "eta", "expires", "time_limit", "soft_time_limit",
-                    "ignore_result", "shadow")
+                    "ignore_result", "shadow", "reply_to")
 
 
 class ItemResults(list[AsyncResult]):
@@ -53,10 +53,12 @@ class ItemResults(list[AsyncResult]):
 
         With ``propagate`` the first failed item (in item order) raises its exception.
         ``interval``: seconds between reads of the results not finished yet (up to 10x that
-        while nothing finishes).
+        while nothing finishes). Backends other than Redis (``rpc://`` included: its results
+        come to this thread's reply queue) collect through Celery's ``ResultSet.get``.
         """
         backend = self.app.backend
-        if not redis_results.can_read(backend):
+        # Eager results (task_always_eager: starmap_items took apply_async) are never stored.
+        if not redis_results.can_read(backend) or any(isinstance(r, EagerResult) for r in self):
             return ResultSet(list(self), app=self.app).get(
                 timeout=timeout, propagate=propagate, interval=interval,
                 disable_sync_subtasks=disable_sync_subtasks, **kwargs)
@@ -135,6 +137,10 @@ class _BulkSend:
         self.priority = options.get("priority", route.get("priority"))
         message_options = {k: options[k] for k in _MESSAGE_OPTIONS if k in options}
         message_options.setdefault("ignore_result", task.ignore_result)
+        # As Celery's send_task does (``reply_to or self.thread_oid``): the rpc:// backend
+        # publishes each result to its message's reply_to, the queue this thread's
+        # backend consumes (its ``oid``); without it results go nowhere and .get() times out.
+        message_options["reply_to"] = options.get("reply_to") or app.thread_oid
         sent_event = bool(app.conf.task_send_sent_event)
         self.template = amqp.as_task_v2("", task.name, (), {}, origin=anon_nodename(),
                                         create_sent_event=sent_event, **message_options)

@@ -25,13 +25,14 @@ def batched_tasks(app: Any) -> list[Any]:
     return [t for t in app.tasks.values() if getattr(t, "_batch_spec", None) is not None]
 
 
-def check_worker(app: Any, transport_driver: str) -> None:
-    """Run every check; raise the first hard failure."""
+def check_worker(app: Any, transport_driver: str, slots: int = 1) -> None:
+    """Run every check; raise the first hard failure. ``slots``: pool processes (the most,
+    with ``--autoscale``)."""
     tasks = batched_tasks(app)
     if not tasks:
         return
     if transport_driver == "redis":
-        check_visibility_timeout(app, tasks)
+        check_visibility_timeout(app, tasks, slots)
     for task in tasks:
         if task.rate_limit:
             logger.warning(
@@ -61,23 +62,38 @@ def check_result_serializer(app: Any) -> None:
             f"result_serializer to 'json'.") from exc
 
 
-def check_visibility_timeout(app: Any, tasks: list[Any]) -> None:
-    """Redis redelivers a message unacknowledged for ``visibility_timeout``: a batch that can
-    outlast it (buffered wait + time limit) would run its items twice, or forever."""
+def check_visibility_timeout(app: Any, tasks: list[Any], slots: int = 1) -> None:
+    """Redis redelivers a message unacknowledged for ``visibility_timeout``: a batched item that
+    can stay unacknowledged longer would run twice, or forever.
+
+    An item is held from its delivery to the ack after its result is stored: its wait in the
+    buffer, the batches queued ahead of it in the pool (batching holds up to ``slots + 2``
+    batches, plus Celery's own prefetch, for ``slots`` processes), its own batch's run, and
+    the result backend's retries while it is down (``retry_policy``).
+    """
     options = app.conf.broker_transport_options or {}
     visibility = float(options.get("visibility_timeout", DEFAULT_VISIBILITY_TIMEOUT_S))
+    store_retries_s = _retry_policy_s(getattr(app.backend, "retry_policy", None) or {})
+    base = max(1, slots) * (app.conf.worker_prefetch_multiplier or 1)
     unlimited = []
     for task in tasks:
-        wait_s = task._batch_spec.wait_s
+        spec = task._batch_spec
         limit = task.time_limit or app.conf.task_time_limit
-        if limit and wait_s + float(limit) >= visibility:
-            raise WorkerConfigurationError(
-                f"celery_batched: {task.name}: Redis visibility_timeout is {visibility:g}s but a "
-                f"batch can take wait_ms ({wait_s * 1000:g} ms) + time_limit ({limit}s); its items "
-                f"would be delivered again while they run. Raise broker_transport_options"
-                f"['visibility_timeout'] above {wait_s + float(limit):g}s or lower time_limit.")
         if not limit:
             unlimited.append(task.name)
+            continue
+        held_batches = -(-(spec.max_batch_size * (max(1, slots) + 2) + base) // spec.max_batch_size)
+        rounds = -(-held_batches // max(1, slots))
+        worst = spec.wait_s + rounds * float(limit) + store_retries_s
+        if worst >= visibility:
+            raise WorkerConfigurationError(
+                f"celery_batched: {task.name}: Redis visibility_timeout is {visibility:g}s but "
+                f"an item can stay unacknowledged {worst:g}s: wait_ms ({spec.wait_s * 1000:g} ms) "
+                f"+ {rounds} x time_limit ({limit}s: its own batch and the {rounds - 1} queued "
+                f"ahead of it for {max(1, slots)} pool process(es)) + the result backend's "
+                f"retry_policy ({store_retries_s:g}s); it would be delivered again while it "
+                f"runs. Raise broker_transport_options['visibility_timeout'] above {worst:g}s, "
+                f"or lower time_limit.")
     if unlimited and visibility < 600:
         names = ", ".join(sorted(unlimited)[:3]) + (f" and {len(unlimited) - 3} more"
                                                      if len(unlimited) > 3 else "")
@@ -85,3 +101,11 @@ def check_visibility_timeout(app: Any, tasks: list[Any]) -> None:
             "celery_batched: Redis visibility_timeout is %gs and %s have no time_limit; a batch "
             "running longer than that is delivered again. Set time_limit on batched tasks and "
             "keep visibility_timeout above wait_ms + time_limit.", visibility, names)
+
+
+def _retry_policy_s(policy: dict[str, Any]) -> float:
+    """Seconds ``kombu.utils.functional.retry_over_time`` sleeps for a whole retry policy."""
+    start = float(policy.get("interval_start", 0))
+    step = float(policy.get("interval_step", 1))
+    top = float(policy.get("interval_max", 1))
+    return sum(min(start + k * step, top) for k in range(int(policy.get("max_retries") or 0)))

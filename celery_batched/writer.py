@@ -89,23 +89,25 @@ class ResultWriter:
             redis_results.store(backend, [items[k].id for k in keep], [metas[k] for k in keep])
         except Exception as exc:
             if not trace.is_outage(exc, backend):
-                # The script itself was refused (EVAL disabled, ...): Celery's own path, per item.
-                logger.warning("celery_batched: storing batch %s in one script call failed (%s: "
-                               "%s); storing its results one by one", batch.id,
+                # Not the backend's state: a bug, or a reply we don't know. Celery's own path,
+                # per item, tells the items apart.
+                logger.warning("celery_batched: storing batch %s in one call failed (%s: %s); "
+                               "storing its results one by one", batch.id,
                                type(exc).__name__, exc)
                 for k in keep:
                     written[k] = self._store_one(task, items[k], plain(values[k]),
                                                  reply.extras.get(index[k]))
-                return written
-            logger.error("celery_batched: batch %s of %s: the results of %d item(s) could not be "
-                         "stored (%s: %s); they go back to the broker and run again",
-                         batch.id, task.name, len(keep), type(exc).__name__, exc)
-            written = [("unstored", f"{type(exc).__name__}: {exc}")] * len(items)
-            keep = []
+            else:
+                logger.error("celery_batched: batch %s of %s: the results of %d item(s) could "
+                             "not be stored (%s: %s); they go back to the broker and run again",
+                             batch.id, task.name, len(keep), type(exc).__name__, exc)
+                # The unencodable ones too: their failures can't be stored now either.
+                return [("unstored", f"{type(exc).__name__}: {exc}")] * len(items)
         if batch.want_repr:
             maxsize = task.resultrepr_maxsize
             for k in keep:
-                written[k] = ("stored", bounded_repr(plain(values[k]), maxsize))
+                if written[k][0] == "stored":
+                    written[k] = ("stored", bounded_repr(plain(values[k]), maxsize))
         for k, cause in bad.items():
             written[k] = self._fail_unencodable(task, items[k], reply.extras.get(index[k]), cause)
         return written
@@ -113,7 +115,8 @@ class ResultWriter:
     def _store_one(self, task: Any, item: Any, value: Any, embed: Any) -> tuple[str, Any]:
         ctx = trace.make_context(item.headers, (), {}, embed, (None,) * 6, None)
         try:
-            task.backend.store_result(item.id, value, "SUCCESS", request=ctx)
+            trace.write_retried(task.backend, task.backend.store_result, item.id, value,
+                                "SUCCESS", request=ctx)
         except Exception as exc:
             if trace.is_outage(exc, task.backend):
                 return ("unstored", f"{type(exc).__name__}: {exc}")
@@ -129,9 +132,12 @@ class ResultWriter:
         einfo = trace.exception_info(exc)
         ctx = trace.make_context(item.headers, (), {}, embed, (None,) * 6, None)
         try:
-            task.backend.mark_as_failure(item.id, exc, einfo.traceback, request=ctx,
-                                         call_errbacks=True)
+            trace.write_retried(task.backend, task.backend.mark_as_failure, item.id, exc,
+                                einfo.traceback, request=ctx, call_errbacks=True)
         except Exception as store_exc:
+            if not trace.is_outage(store_exc, task.backend):
+                logger.exception("celery_batched: %s[%s]: storing its failure raised",
+                                 task.name, item.id)
             return ("unstored", f"{type(store_exc).__name__}: {store_exc}")
         trace.failure_hooks(task, ctx, einfo)
         return ("failed", einfo)

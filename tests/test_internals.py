@@ -66,7 +66,15 @@ MIRRORED = [
     ("celery/events/state.py", "Task.as_dict", ('d85f8c7eca90381e',), False, "_internals.events.register_batch_fields (_fields)"),  # 5.6.3,5.7.0: d85f8c7eca90381e
     ("celery/events/state.py", "Task.info", ('dbc8310f9a8bc904',), False, "_internals.events.register_batch_fields (_info_fields)"),  # 5.6.3,5.7.0: dbc8310f9a8bc904
     ("celery/bin/control.py", "_compile_arguments", ('49b046417dd41c0f',), False, "control.configure_batching (variadic settings)"),  # 5.6.3,5.7.0: 49b046417dd41c0f
-    ("kombu/transport/redis.py", "Channel._brpop_read", ('5139cdc4fd9a716a', 'c2e423dfeda85f81'), False, "_internals.kombu_redis.install_bulk_fetch"),  # 5.6.2: 5139cdc4fd9a716a; 5.7.0: c2e423dfeda85f81
+    ("kombu/transport/redis.py", "Channel._brpop_read", ('5139cdc4fd9a716a', 'c2e423dfeda85f81'), False, "_internals.kombu_redis.install_bulk_fetch / guard_close"),  # 5.6.2: 5139cdc4fd9a716a; 5.7.0: c2e423dfeda85f81
+    ("kombu/transport/redis.py", "Channel.close", ('5ca5e6f0419f385a',), False, "_internals.kombu_redis.guard_close"),  # 5.6.2,5.7.0: 5ca5e6f0419f385a
+    ("celery/worker/request.py", "Request.on_failure", ('fc398abf001e4690', '618a2c649c8a8bbc'), False, "_internals.worker.HeldAcks, completion.Completion._handle"),  # 5.6.3: fc398abf001e4690; 5.7.0: 618a2c649c8a8bbc
+    ("celery/worker/request.py", "Request.on_timeout", ('dedfab5a7a2c9491', '6673ada7271e2d5e'), False, "_internals.worker.HeldAcks, completion.Completion.timed_out"),  # 5.6.3: dedfab5a7a2c9491; 5.7.0: 6673ada7271e2d5e
+    ("celery/worker/request.py", "Request.acknowledge", ('d54d07070d38dc2d',), False, "_internals.worker.HeldAcks (_on_ack)"),  # 5.6.3,5.7.0: d54d07070d38dc2d
+    ("celery/worker/request.py", "Request.reject", ('6ccd01a4f608220a',), False, "_internals.worker.HeldAcks (_on_reject)"),  # 5.6.3,5.7.0: 6ccd01a4f608220a
+    ("celery/backends/base.py", "Backend._ensure_retryable", ('cd2ad4e2fdf2368b',), True, "_internals.trace.is_outage (BackendStoreError's context), write_retried"),  # 5.6.3: absent; 5.7.0: cd2ad4e2fdf2368b
+    ("celery/backends/base.py", "Backend.store_result", ('0cb6b1b0f1c1fd82', '1edd4057ee1dfecb'), False, "_internals.trace.write_retried / store_results"),  # 5.6.3: 0cb6b1b0f1c1fd82; 5.7.0: 1edd4057ee1dfecb
+    ("celery/app/base.py", "Celery.send_task", ('f1136ece96a0570e', 'ebff3ef3504b097f'), False, "submit._BulkSend (reply_to)"),  # 5.6.3: f1136ece96a0570e; 5.7.0: ebff3ef3504b097f
     ("kombu/transport/redis.py", "QoS.append", ('6883fd4024f51ad8',), False, "_internals.kombu_redis._POP_AND_TRACK / _deliver_more"),  # 5.6.2,5.7.0: 6883fd4024f51ad8
     ("kombu/transport/redis.py", "QoS._remove_from_indices", ('bda3c1298cc3e698',), False, "_internals.kombu_redis.ack_many"),  # 5.6.2,5.7.0: bda3c1298cc3e698
     ("kombu/transport/redis.py", "Channel._put", ('15ace6be28b0218e', '8cbd1540bed9a9d2'), False, "_internals.kombu_redis.RedisBulkPublisher.publish_task"),  # 5.6.2: 8cbd1540bed9a9d2; 5.7.0: 15ace6be28b0218e
@@ -146,6 +154,7 @@ def test_mirrored_function_is_the_one_we_mirror(rel, qualname, known, may_be_abs
     "celery.backends.base.Backend.meta_from_decoded", "celery.backends.base.Backend.exception_to_python",
     "celery.backends.base.BaseKeyValueStoreBackend.get_key_for_task", "celery.result.AsyncResult._set_cache",
     "celery.result.AsyncResult._on_fulfilled",
+    "celery.backends.base.Backend.retry_policy", "celery.backends.base.Backend.exception_safe_to_retry",
 ])
 def test_attribute_we_use_exists(path):
     parts = path.split(".")
@@ -376,3 +385,55 @@ def test_flower_task_page_lists_the_event_state_fields():
 
     assert set(celery_batched._internals.events.BATCH_FIELDS) <= set(Task._fields)
     assert Task().as_dict()["batch_id"] is None  # tasks never batched serialize as before
+
+
+# ---- when the prefetch count is static: Tasks.qos_global (quorum queues) ---------------------
+
+#: ``celery/worker/consumer/tasks.py`` ``Tasks.qos_global``, mirrored by
+#: ``_internals.worker.static_prefetch_queue``. 5.6.3: 615bea7df42a2d36; 5.7.0: dbed531733263bba
+QOS_GLOBAL_HASHES = ("615bea7df42a2d36", "dbed531733263bba")
+
+
+def test_qos_global_is_the_one_static_prefetch_queue_mirrors():
+    digest = _source_hash("celery", "celery/worker/consumer/tasks.py", "Tasks.qos_global")
+    assert digest is not None, ("celery: Tasks.qos_global is gone; "
+                                "celery_batched._internals.worker.static_prefetch_queue mirrors it")
+    assert digest in QOS_GLOBAL_HASHES, (
+        f"celery changed celery/worker/consumer/tasks.py:Tasks.qos_global (source hash {digest}, "
+        f"known {QOS_GLOBAL_HASHES}). celery_batched._internals.worker.static_prefetch_queue "
+        f"mirrors it (when batching's prefetch share must be set once, before consuming): diff "
+        f"the function against the last known release, update the mirror if its behaviour "
+        f"changed, then add {digest!r} to QOS_GLOBAL_HASHES.")
+
+
+@pytest.mark.parametrize("recorded", [False, True], ids=["celery-5.6", "celery-5.7-records-it"])
+@pytest.mark.parametrize("detect", [True, False], ids=["detect", "no-detect"])
+@pytest.mark.parametrize("quorum", [True, False], ids=["quorum", "classic"])
+@pytest.mark.parametrize("driver, spec_semantics",
+                         [("amqp", False), ("amqp", True), ("redis", True)],
+                         ids=["rabbitmq", "amqp-spec-semantics", "redis"])
+def test_static_prefetch_queue_agrees_with_tasks_qos_global(driver, spec_semantics, quorum,
+                                                            detect, recorded):
+    """Static prefetch (RabbitMQ applies ``basic.qos`` per consumer, to consumers started after
+    it) exactly where Celery's own decision is ``global=False`` on RabbitMQ's semantics."""
+    from types import SimpleNamespace
+
+    from celery import Celery
+    from celery.worker.consumer.tasks import Tasks
+    from kombu import Queue
+
+    from celery_batched._internals.worker import static_prefetch_queue
+
+    app = Celery("pin", set_as_current=False)
+    app.conf.worker_detect_quorum_queues = detect
+    app.conf.task_queues = [Queue("classic"), Queue(
+        "qq", queue_arguments={"x-queue-type": "quorum"} if quorum else None)]
+    connection = SimpleNamespace(transport=SimpleNamespace(driver_type=driver),
+                                 qos_semantics_matches_spec=spec_semantics)
+    consumer = SimpleNamespace(app=app, connection=connection)
+    qos_global = Tasks.qos_global(None, consumer)
+    if recorded:
+        consumer.qos_global = qos_global  # what Celery 5.7's Tasks.start records
+    static = driver == "amqp" and not spec_semantics and not qos_global
+    assert static_prefetch_queue(consumer) == ("qq" if static else None)
+    assert static == (driver == "amqp" and not spec_semantics and quorum and detect)

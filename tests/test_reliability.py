@@ -42,7 +42,8 @@ def broker(request, queue, redis_client):
 def send_many(broker, name, arg_tuples, queue, **options):
     app = broker.app
     with app.producer_or_acquire() as producer:
-        return [app.send_task(T + name, args, queue=queue, producer=producer, **options)
+        return [app.send_task(name if "." in name else T + name, args, queue=queue,
+                              producer=producer, **options)
                 for args in arg_tuples]
 
 
@@ -303,9 +304,9 @@ def test_unacked_stay_bounded_under_every_prefetch_setting(setting, queue, redis
 
 
 def test_time_limits_fail_the_batch_and_worker_stays_healthy(broker, queue, redis_client, start_worker):
-    start_worker(APP, queues=queue, env=broker.env)
-    soft = send_many(broker, "soft_limited", [(x,) for x in (0.1, 2.0)], queue)
-    hard = send_many(broker, "hard_limited", [(x,) for x in (0.1, 5.0)], queue)
+    start_worker("tests.apps.limits", queues=queue, env=broker.env)
+    soft = send_many(broker, "tests.apps.limits.soft_limited", [(x,) for x in (0.1, 2.0)], queue)
+    hard = send_many(broker, "tests.apps.limits.hard_limited", [(x,) for x in (0.1, 5.0)], queue)
     for r in soft:
         with pytest.raises(SoftTimeLimitExceeded):
             r.get(timeout=30)
@@ -313,7 +314,7 @@ def test_time_limits_fail_the_batch_and_worker_stays_healthy(broker, queue, redi
         with pytest.raises(TimeLimitExceeded):
             r.get(timeout=30)
         assert r.state == states.FAILURE
-    after = send_many(broker, "hard_limited", [(0.01,), (0.02,)], queue)
+    after = send_many(broker, "tests.apps.limits.hard_limited", [(0.01,), (0.02,)], queue)
     assert [r.get(timeout=30) for r in after] == [0.01, 0.02]
     failed = sum(1 for r in soft + hard if r.state == states.FAILURE)
     report.add("soft + hard time limits", broker.name, 6, _final(soft + hard + after),

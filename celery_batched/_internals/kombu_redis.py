@@ -11,6 +11,8 @@ message as unacknowledged (``QoS.append``), and a pipeline removing that record 
   ``visibility_timeout`` like any unacknowledged message).
 * ``ack_many``: the acknowledgements of a batch in one round trip.
 * ``RedisBulkPublisher``: bulk submit's messages in LPUSH pipelines, each sent exactly once.
+* ``guard_close``: a channel whose broker died can still be closed (a kombu/Celery 5.7 bug that
+  otherwise makes the worker exit; installed on every Redis task channel by the bootstep).
 """
 
 from __future__ import annotations
@@ -113,6 +115,41 @@ def install_bulk_fetch(channel: Any, receiver_for: Callable[[dict[str, Any]], An
 
     channel.handlers["BRPOP"] = brpop_read
     return True
+
+
+def guard_close(channel: Any) -> None:
+    """Let the channel close when its broker is gone, instead of making the worker exit.
+
+    kombu's Redis ``Channel.close`` first reads the reply of a BRPOP in flight
+    (``_brpop_read``), expecting ``Empty``. With the server gone that read raises a connection
+    error, before the channel is marked closed and before ``QoS.restore_unacked_once``: the
+    channel stays open. Celery 5.7's ``Consumer.on_connection_error_after_connected`` runs
+    ``connection.collect()`` (which swallows that error, drops the transport's ``client`` and
+    keeps ``_default_channel``; a second channel raising aborts ``close_connection`` before it
+    gets to this one), then ``connection.close()``: this channel's close runs again, tries the
+    restore and dies in ``Channel._connparams`` (``self.connection.client`` is None) with an
+    AttributeError that no one catches -- "Unrecoverable error", the worker exits. Plain Celery
+    tasks hit it too; a batching worker more often, since it keeps a BRPOP waiting while a batch
+    of unacknowledged messages runs.
+
+    Here a connection error while the channel is closing counts as no reply: the close goes on
+    and tries the restore while the transport can still connect (with the server down that fails
+    and the messages stay in the unacked hash, restored after ``visibility_timeout``).
+    """
+    if (kombu_redis is None or not isinstance(channel, kombu_redis.Channel)
+            or "_brpop_read" in vars(channel)):  # not Redis, or guarded already
+        return
+    read = channel._brpop_read
+
+    def brpop_read(**options: Any) -> Any:
+        try:
+            return read(**options)
+        except channel.connection_errors:
+            if not getattr(channel, "_closing", False):
+                raise
+            raise Empty() from None
+
+    channel._brpop_read = brpop_read  # type: ignore[method-assign]  # this channel's only
 
 
 def _deliver_more(channel: Any, script: Any, queue: str,

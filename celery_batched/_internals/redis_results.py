@@ -10,10 +10,15 @@ delivery), else ``SET`` with the backend's expiry and ``PUBLISH`` to wake ``Asyn
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from typing import Any
 
 from kombu.utils.json import object_hook
+
+from . import trace
+
+logger = logging.getLogger(__name__)
 
 try:
     from celery.backends.redis import RedisBackend
@@ -67,14 +72,16 @@ def can_store(backend: Any) -> bool:
 def store(backend: Any, task_ids: Sequence[str], metas: Sequence[Any]) -> int:
     """Store encoded SUCCESS metas; return how many were written (duplicates are skipped).
 
-    Connection errors are retried with the backend's retry policy (``RedisBackend.ensure``,
-    as ``RedisBackend.set`` does), then raised.
+    Connection errors and refused writes are retried with the backend's retry policy
+    (``RedisBackend.ensure``, as ``RedisBackend.set`` does, and ``trace.write_retried``), then
+    raised. A server that refuses scripts gets pipelined writes instead.
     """
     keys = [backend.get_key_for_task(task_id) for task_id in task_ids]
     readable = backend.serializer in ("json", "msgpack") and not getattr(backend, "compression", None)
     codec = backend.serializer if readable else ""
     ttl = int(backend.expires or 0)
-    return int(backend.ensure(_store, (backend, keys, list(metas), codec, ttl)))
+    return int(trace.write_retried(backend, backend.ensure, _store,
+                                   (backend, keys, list(metas), codec, ttl)))
 
 
 def _store(backend: Any, keys: list[Any], metas: list[Any], codec: str, ttl: int) -> int:
@@ -90,8 +97,62 @@ def _store(backend: Any, keys: list[Any], metas: list[Any], codec: str, ttl: int
     written = 0
     for start in range(0, len(keys), MAX_KEYS_PER_CALL):
         end = start + MAX_KEYS_PER_CALL
-        written += script(keys=keys[start:end], args=[ttl, codec, *metas[start:end]], client=client)
+        if script is _NO_SCRIPTS:
+            written += _store_pipelined(backend, keys[start:end], metas[start:end], codec, ttl)
+            continue
+        try:
+            written += script(keys=keys[start:end], args=[ttl, codec, *metas[start:end]],
+                              client=client)
+        except Exception as exc:
+            if not scripts_refused(exc):
+                raise
+            logger.warning("celery_batched: the result backend refuses Lua scripts (%s: %s); "
+                           "storing results with pipelined SET + PUBLISH from now on",
+                           type(exc).__name__, exc)
+            script = _scripts[id(client)] = _NO_SCRIPTS
+            written += _store_pipelined(backend, keys[start:end], metas[start:end], codec, ttl)
     return written
+
+
+_NO_SCRIPTS: Any = object()
+
+
+def scripts_refused(exc: BaseException) -> bool:
+    """The server won't run the script at all: EVAL/EVALSHA renamed away, or an ACL without
+    ``@scripting`` -- not a refusal of the writes themselves (OOM, READONLY: those stay
+    errors)."""
+    from redis import exceptions as redis_errors
+
+    if not isinstance(exc, redis_errors.ResponseError):
+        return False
+    text = str(exc).lower()
+    if isinstance(exc, redis_errors.NoPermissionError):
+        return any(word in text for word in ("'evalsha'", "'eval'", "'script", "script|"))
+    return text.startswith("unknown command") and any(
+        word in text for word in ("'evalsha'", "'eval'", "'script'"))
+
+
+def _store_pipelined(backend: Any, keys: list[Any], metas: list[Any], codec: str,
+                     ttl: int) -> int:
+    """What the script does, for a server that runs no scripts: the duplicate guard on one
+    ``MGET``, then one pipeline of ``SET`` + ``PUBLISH`` per item (``RedisBackend._set``
+    without its MULTI/EXEC; the guard and the write are not atomic here, as in Celery's own
+    ``_store_result``)."""
+    client = backend.client
+    if codec:  # not checked by the caller yet
+        current = client.mget(keys)
+        keep = [k for k, cur in enumerate(current)
+                if not (cur and backend.decode_result(cur).get("status") == "SUCCESS")]
+        keys, metas = [keys[k] for k in keep], [metas[k] for k in keep]
+    with client.pipeline(transaction=False) as pipe:
+        for key, meta in zip(keys, metas):
+            if ttl:
+                pipe.set(key, meta, ex=ttl)
+            else:
+                pipe.set(key, meta)
+            pipe.publish(key, meta)
+        pipe.execute()
+    return len(keys)
 
 
 def can_read(backend: Any) -> bool:

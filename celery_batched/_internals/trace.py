@@ -3,9 +3,12 @@ autoretry wrapper and its result backends, per item of a batch (Celery 5.5-5.7).
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import socket
+import sys
+import time
 import traceback
 from collections.abc import Callable, Iterable, Sequence
 from contextvars import ContextVar
@@ -188,13 +191,85 @@ class _UnraisedExceptionInfo(ExceptionInfo):
 
 
 def is_outage(exc: BaseException, backend: Any) -> bool:
-    """Whether ``exc`` means a server (result backend or broker) could not be reached, as
-    opposed to a bad value or a bug: an outage hands the item back to the broker to run again."""
+    """Whether ``exc`` means a server (result backend or broker) did not take a write, as
+    opposed to a bad value or a bug: an outage hands the item back to the broker to run again.
+
+    Unreachable (connection errors, the backend's own ``connection_errors``) or refusing writes
+    (``refuses_writes``): either way the outcome is not stored, and acknowledging the item would
+    leave it PENDING forever.
+    """
     from kombu.exceptions import OperationalError
 
     errors = (ConnectionError, TimeoutError, OSError, OperationalError,
               *tuple(getattr(backend, "connection_errors", ()) or ()))
-    return isinstance(exc, errors)
+    if isinstance(exc, BackendStoreError) and exc.__context__ is not None:
+        # Backend._ensure_retryable's fallback once its retries ran out (the database
+        # backend): the error it gave up on says what happened.
+        exc = exc.__context__
+    return isinstance(exc, errors) or refuses_writes(exc)
+
+
+def refuses_writes(exc: BaseException) -> bool:
+    """A reachable backend that refuses writes for now: Redis at ``maxmemory`` with
+    ``noeviction`` (OOM), a replica after a failover (READONLY), an ACL without write access
+    (NOPERM), a failing snapshot (MISCONF), a cluster reconfiguring; a database that refused the
+    statement (SQLAlchemy: a read-only transaction, revoked privileges, a lost connection)."""
+    redis_errors = sys.modules.get("redis.exceptions")  # not imported: not a Redis error
+    if redis_errors is not None and isinstance(exc, redis_errors.ResponseError):
+        if isinstance(exc, (redis_errors.ReadOnlyError, redis_errors.OutOfMemoryError,
+                            redis_errors.NoPermissionError, redis_errors.TryAgainError,
+                            redis_errors.ClusterDownError)):
+            return True
+        text = str(exc)
+        # A write inside a script of a user without write access ("The user executing the
+        # script can't run this command or subcommand"): NOPERM, as Redis words it there.
+        return (text.startswith(("MISCONF", "LOADING", "MASTERDOWN", "NOREPLICAS"))
+                or "can't run this command" in text)
+    sqlalchemy = sys.modules.get("sqlalchemy.exc")
+    return sqlalchemy is not None and isinstance(exc, sqlalchemy.SQLAlchemyError)
+
+
+def write_retried(backend: Any, fun: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``fun(*args, **kwargs)``, a result-backend write, retried with the backend's
+    ``retry_policy`` while the backend refuses writes (``refuses_writes``) -- unless the backend
+    retries those itself (the database backend).
+
+    Connection errors are retried inside Celery's backends already (``RedisBackend.ensure``,
+    ``Backend._ensure_retryable``); a refusal is raised at once there, and an item handed back
+    at once would be redelivered and run again at once, in a loop for as long as the refusal
+    lasts. Mirrors the schedule of ``kombu.utils.functional.retry_over_time`` as
+    ``RedisBackend.ensure`` calls it.
+    """
+    from kombu.utils.functional import fxrange
+
+    policy = dict(getattr(backend, "retry_policy", None) or {})
+    max_retries = policy.get("max_retries") or 0
+    intervals = fxrange(policy.get("interval_start", 0),
+                        policy.get("interval_step", 1) + policy.get("interval_start", 0),
+                        policy.get("interval_step", 1), repeatlast=True)
+    interval_max = float(policy.get("interval_max", 1))
+    for retries in itertools.count():
+        try:
+            return fun(*args, **kwargs)
+        except Exception as exc:
+            if retries >= max_retries or not refuses_writes(exc) or _retried_by(backend, exc):
+                raise
+            pause = min(next(intervals), interval_max)
+            logging.getLogger(__name__).warning(
+                "celery_batched: the result backend refused a write (%s: %s); retrying in "
+                "%.1fs (%d of %d)", type(exc).__name__, exc, pause, retries + 1, max_retries)
+            time.sleep(pause)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _retried_by(backend: Any, exc: BaseException) -> bool:
+    """Whether the backend retried ``exc`` itself already (``result_backend_always_retry``:
+    the database backend's default, with its own ``result_backend_max_retries``)."""
+    try:
+        return bool(getattr(backend, "always_retry", False)
+                    and backend.exception_safe_to_retry(exc))
+    except Exception:
+        return False
 
 
 def store_errors_for(task: Any, ctx: Context) -> bool:
@@ -227,7 +302,17 @@ def record_retry(task: Any, ctx: Context, reason: Retry) -> ExceptionInfo:
     """
     einfo = ExceptionInfo((type(reason), reason, reason.__traceback__))
     if store_errors_for(task, ctx):
-        task.backend.mark_as_retry(ctx.id, reason.exc, einfo.traceback, request=ctx)
+        try:
+            write_retried(task.backend, task.backend.mark_as_retry, ctx.id, reason.exc,
+                          einfo.traceback, request=ctx)
+        except Exception as exc:
+            if not is_outage(exc, task.backend):
+                raise
+            # The retry message is on the broker already and carries the item on: handing the
+            # original back too would add a copy per pass (a retry storm during an outage).
+            logging.getLogger(__name__).warning(
+                "%s[%s]: sent for retry; its RETRY state could not be stored (%s: %s)",
+                task.name, ctx.id, type(exc).__name__, exc)
     task.on_retry(reason.exc, ctx.id, ctx.args, ctx.kwargs, einfo)
     if signals.task_retry.receivers:
         signals.task_retry.send(sender=task, request=ctx, reason=reason, einfo=einfo)
@@ -255,8 +340,10 @@ def store_results(task: Any, entries: Sequence[StoreEntry], state: str,
     if not isinstance(backend, BaseKeyValueStoreBackend) or not _has_mget(backend):
         for i, (task_id, value, ctx) in enumerate(entries):
             try:
-                backend.store_result(task_id, value, state, request=ctx)
+                write_retried(backend, backend.store_result, task_id, value, state, request=ctx)
             except _ITEM_ERRORS as exc:  # this item's value; connection errors propagate
+                if is_outage(exc, backend):
+                    raise
                 on_error(i, exc)
         return
     keys: list[Any] = []
@@ -277,6 +364,8 @@ def store_results(task: Any, entries: Sequence[StoreEntry], state: str,
 
     def _write() -> None:
         current = backend.mget(keys)
+        if isinstance(current, dict):  # CacheBackend.mget (memcached, cache+memory): by key
+            current = [current.get(k) for k in keys]
         todo = [(k, v) for k, v, cur in zip(keys, values, current)
                 if not (cur and backend.decode_result(cur).get("status") == states.SUCCESS)]
         if RedisBackend is not None and isinstance(backend, RedisBackend):
@@ -293,9 +382,10 @@ def store_results(task: Any, entries: Sequence[StoreEntry], state: str,
                 backend._set_with_state(key, value, state)
 
     if RedisBackend is not None and isinstance(backend, RedisBackend):
-        backend.ensure(_write, ())  # RedisBackend.set's retries on connection errors
+        # RedisBackend.set's retries on connection errors
+        write_retried(backend, backend.ensure, _write, ())
     else:
-        backend._ensure_retryable(_write)
+        write_retried(backend, backend._ensure_retryable, _write)
 
 
 def _has_mget(backend: BaseKeyValueStoreBackend) -> bool:

@@ -102,6 +102,43 @@ def ack_promises(consumer: Any, message: Any) -> tuple[Any, Any]:
     return ack, reject
 
 
+class HeldAcks:
+    """A ``Request``'s acknowledgements, held until its handler has stored the outcome.
+
+    Celery's ``Request.on_failure`` acknowledges a message *before* it stores the failure of a
+    lost or timed-out task: during a backend outage the item would be acknowledged with nothing
+    stored. While held, ``Request.acknowledge``/``reject`` only record what they would send
+    (mirrors their calls of ``Request._on_ack``/``_on_reject``, Celery 5.6-5.7); ``release``
+    sends it, ``discard`` drops it (the item is handed back instead).
+    """
+
+    __slots__ = ("request", "wanted", "_ack", "_reject", "_acknowledged")
+
+    def __init__(self, request: Any) -> None:
+        self.request = request
+        self._acknowledged = request.acknowledged
+        self.wanted: list[tuple[Any, tuple[Any, ...]]] = []
+        self._ack, self._reject = request._on_ack, request._on_reject
+        request._on_ack = lambda *args: self.wanted.append((self._ack, args))
+        request._on_reject = lambda *args: self.wanted.append((self._reject, args))
+
+    def _restore(self) -> list[tuple[Any, tuple[Any, ...]]]:
+        self.request._on_ack, self.request._on_reject = self._ack, self._reject
+        wanted, self.wanted = self.wanted, []
+        return wanted
+
+    def release(self) -> bool:
+        """Send the held acknowledgements; whether there were any."""
+        wanted = self._restore()
+        for send, args in wanted:
+            send(*args)
+        return bool(wanted)
+
+    def discard(self) -> None:
+        self._restore()
+        self.request.acknowledged = self._acknowledged
+
+
 def _prefetch_reduced(consumer: Any) -> bool:
     return bool(not getattr(consumer, "_maximum_prefetch_restored", True)
                 and consumer.restart_count > 0
@@ -123,3 +160,27 @@ def delivery_details(message: Any) -> tuple[Any, ...]:
     props = message.properties or {}
     return (info.get("exchange"), info.get("routing_key"), props.get("priority"),
             info.get("redelivered", False), props.get("reply_to"), props.get("correlation_id"))
+
+
+def static_prefetch_queue(consumer: Any) -> str | None:
+    """The quorum queue that makes the consumer's prefetch count static, or None where it isn't.
+
+    Mirrors celery.worker.consumer.tasks.Tasks.qos_global (Celery 5.6-5.7): on RabbitMQ (the
+    amqp transport, ``not connection.qos_semantics_matches_spec``) Celery applies ``basic.qos``
+    globally, unless ``worker_detect_quorum_queues`` finds a quorum queue among the app's queues:
+    then ``global=False``, which RabbitMQ applies per consumer, and only to consumers that start
+    after it. Celery 5.7 records its decision as ``consumer.qos_global``; 5.6 doesn't.
+    """
+    from celery.utils.quorum_queues import detect_quorum_queues
+
+    connection = consumer.connection
+    driver = connection.transport.driver_type
+    if driver != "amqp" or connection.qos_semantics_matches_spec:
+        return None
+    quorum, queue = False, ""
+    if consumer.app.conf.worker_detect_quorum_queues:
+        quorum, queue = detect_quorum_queues(consumer.app, driver)
+    qos_global = getattr(consumer, "qos_global", None)  # Celery 5.7; None before Tasks.start
+    if qos_global is None:
+        qos_global = not quorum
+    return None if qos_global else str(queue)

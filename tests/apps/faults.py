@@ -77,19 +77,6 @@ def die_fail(xs: list[int]) -> list[int]:
     return [x * 2 for x in xs]
 
 
-@app.task(base=BatchedTask, max_batch_size=10, wait_ms=200, soft_time_limit=0.5)
-def soft_limited(xs: list[float]) -> list[float]:
-    time.sleep(max(xs))
-    return xs
-
-
-@app.task(base=BatchedTask, max_batch_size=10, wait_ms=200, time_limit=1)
-def hard_limited(xs: list[float]) -> list[float]:
-    time.sleep(max(xs))
-    count_runs(xs)
-    return xs
-
-
 @app.task(base=BatchedTask, max_batch_size=50, wait_ms=100)
 def eta_square(xs: list[int]) -> list[int]:
     count_runs(xs)
