@@ -33,17 +33,23 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(BENCH.parent))
 
-import run  # noqa: E402  (the harness: workers, Redis helpers, sentences)
+# The harness (benchmarks/bench/, shared with run.py): workers, Redis helpers, sentences.
+from benchmarks.bench.common import DEFAULT_REDIS_URL, CorrectnessError, log  # noqa: E402
+from benchmarks.bench.report import percentile  # noqa: E402
+from benchmarks.bench.results import (date_done_ts, fetch_results, redis_client,  # noqa: E402
+                                      verify_results, wait_for_results)
+from benchmarks.bench.sentences import make_sentences  # noqa: E402
+from benchmarks.bench.workers import Worker, batching_stats, mean_batch  # noqa: E402
 
-REDIS_URL = run.DEFAULT_REDIS_URL
+REDIS_URL = DEFAULT_REDIS_URL
 RATES = (("low", 20), ("medium", 300), ("high", 700))
 
 
 def mixed_sentences(n: int, long_share: float = 0.25, seed: int = 7) -> list[str]:
     """Short sentences (~10 words) with a share of long ones (8 sentences joined, ~80 words)."""
     rng = random.Random(seed)
-    short = run.make_sentences(n, seed=seed)
-    pool = run.make_sentences(8 * n, seed=seed + 1)
+    short = make_sentences(n, seed=seed)
+    pool = make_sentences(8 * n, seed=seed + 1)
     return [" ".join(pool[8 * i:8 * i + 8]) if rng.random() < long_share else short[i]
             for i in range(n)]
 
@@ -61,7 +67,7 @@ def section_bucketing(n: int) -> list[str]:
     per_bucket = ", ".join(f"bucket {b}: {c}" for b, c in
                            sorted(Counter(length_bucket(t) for t in texts).items()))
     n_long = sum(len(t) > 200 for t in texts)
-    run.log(f"== bucketing: {n} sentences, {n_long} long; {per_bucket} ==")
+    log(f"== bucketing: {n} sentences, {n_long} long; {per_bucket} ==")
     model = load_model()
     for _ in range(2):
         encode_array(model, texts[:32])
@@ -78,23 +84,23 @@ def section_bucketing(n: int) -> list[str]:
     runs = [(direct(arrival), direct(by_bucket)) for _ in range(2)]  # interleaved, best of two
     direct_mixed, direct_bucketed = max(r[0] for r in runs), max(r[1] for r in runs)
     del model
-    r = run.redis_client(REDIS_URL)
+    r = redis_client(REDIS_URL)
     r.flushdb()
     rows = []
-    with run.Worker("benchmarks.apps.bench_example", QUEUE, "policies-embed", REDIS_URL).start() as w:
+    with Worker("benchmarks.apps.bench_example", QUEUE, "policies-embed", REDIS_URL).start() as w:
         embed.map_items(texts[:64], queue=QUEUE).get(timeout=300)  # setup(): load the model
         embed_bucketed.map_items(texts[:64], queue=QUEUE).get(timeout=300)
         for task in (embed, embed_bucketed, embed, embed_bucketed):  # interleaved: fair to both
-            before = run.batching_stats(embed.app, w.hostname, task.name)
+            before = batching_stats(embed.app, w.hostname, task.name)
             t = time.perf_counter()
             got = task.map_items(texts, queue=QUEUE).get(timeout=600)
             rate = n / (time.perf_counter() - t)
-            after = run.batching_stats(embed.app, w.hostname, task.name)
+            after = batching_stats(embed.app, w.hostname, task.name)
             cos = np.sum(np.asarray(got, dtype=np.float64) * reference, axis=1)
             if not (cos > 0.999).all():
-                raise run.CorrectnessError(f"{task.name}: {int((cos <= 0.999).sum())} vectors "
+                raise CorrectnessError(f"{task.name}: {int((cos <= 0.999).sum())} vectors "
                                            f"differ from the direct model's (cosine <= 0.999)")
-            rows.append((task.name.rsplit(".", 1)[-1], rate, run.mean_batch(after, before)))
+            rows.append((task.name.rsplit(".", 1)[-1], rate, mean_batch(after, before)))
     r.close()
     rate_of = {name: max(x for n_, x, _ in rows if n_ == name) for name, _, _ in rows}
     batch_of = {name: b for name, _, b in rows}
@@ -135,31 +141,31 @@ def section_latency(seconds: float) -> list[str]:
     from apps import bench_policies as sim
 
     queue = f"policies-{uuid.uuid4().hex[:6]}"
-    r = run.redis_client(REDIS_URL)
+    r = redis_client(REDIS_URL)
     r.flushdb()
     exec_max = sim.FIXED_MS + sim.PER_ITEM_MS * sim.MAX_BATCH
     capacity = sim.MAX_BATCH / exec_max * 1000.0
-    run.log(f"== latency: simulated model {sim.FIXED_MS:g} ms + {sim.PER_ITEM_MS:g} ms/item, "
+    log(f"== latency: simulated model {sim.FIXED_MS:g} ms + {sim.PER_ITEM_MS:g} ms/item, "
             f"batch {sim.MAX_BATCH} (at most {capacity:,.0f} items/s) ==")
     results: dict[tuple[str, str], tuple[float, float, float, float]] = {}
-    with run.Worker("benchmarks.apps.bench_policies", queue, "policies-latency",
+    with Worker("benchmarks.apps.bench_policies", queue, "policies-latency",
                     REDIS_URL).start() as w:
         for task in (sim.fixed_wait, sim.latency_target):
             task.apply_async((0,), queue=queue).get(timeout=30)  # warm-up, and a first batch
         for label, rate in RATES:
             for task in (sim.fixed_wait, sim.latency_target):
-                before = run.batching_stats(sim.app, w.hostname, task.name)
+                before = batching_stats(sim.app, w.hostname, task.name)
                 ids, sent = paced_send(task, rate, seconds, queue)
-                if run.wait_for_results(r, ids, timeout=120, worker=w, interval=0.05) < len(ids):
-                    raise run.CorrectnessError(f"{task.name} at {rate}/s: results missing")
-                metas = run.fetch_results(r, ids)
-                run.verify_results(f"{task.name} at {rate}/s", metas, ids, list(range(len(ids))))
-                lat = [(run.date_done_ts(m) - s) * 1000.0 for m, s in zip(metas, sent) if m]
-                after = run.batching_stats(sim.app, w.hostname, task.name)
+                if wait_for_results(r, ids, timeout=120, worker=w, interval=0.05) < len(ids):
+                    raise CorrectnessError(f"{task.name} at {rate}/s: results missing")
+                metas = fetch_results(r, ids)
+                verify_results(f"{task.name} at {rate}/s", metas, ids, list(range(len(ids))))
+                lat = [(date_done_ts(m) - s) * 1000.0 for m, s in zip(metas, sent) if m]
+                after = batching_stats(sim.app, w.hostname, task.name)
                 results[(label, task.name)] = (
-                    statistics.median(lat), run.percentile(lat, 99),
-                    run.mean_batch(after, before) or 0.0, len(ids) / seconds)
-                run.log(f"  {label:>6} {rate:>4}/s {task.name:<22} p50 "
+                    statistics.median(lat), percentile(lat, 99),
+                    mean_batch(after, before) or 0.0, len(ids) / seconds)
+                log(f"  {label:>6} {rate:>4}/s {task.name:<22} p50 "
                         f"{results[(label, task.name)][0]:6.1f} ms  p99 "
                         f"{results[(label, task.name)][1]:6.1f} ms  mean batch "
                         f"{results[(label, task.name)][2]:.1f}")
@@ -194,7 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             lines += section_bucketing(args.items)
         if "latency" in only:
             lines += section_latency(args.seconds)
-    except run.CorrectnessError as exc:
+    except CorrectnessError as exc:
         print(f"CORRECTNESS FAILURE: {exc}", file=sys.stderr)
         return 1
     text = "\n".join(lines)

