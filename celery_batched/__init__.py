@@ -9,19 +9,34 @@
 from __future__ import annotations
 
 from ._internals.events import register_batch_fields as _register_batch_fields
-from .bootstep import BatchingStep
-from .errors import (BatchedTaskDefinitionError, BatchedTaskOptionError, BatchingNotInstalledError,
-                     BatchResultError, BatchSetupError, CeleryBatchedError, ItemArgumentsError,
-                     ItemPolicyError, ItemResultEncodeError)
-from .outcomes import RetryItem
-from .stats import batching_stats
+from .client.stats import batching_stats
+from .errors import (
+                     BatchedTaskDefinitionError,
+                     BatchedTaskOptionError,
+                     BatchingNotInstalledError,
+                     BatchResultError,
+                     BatchSetupError,
+                     CeleryBatchedError,
+                     ItemArgumentsError,
+                     ItemFailureStoreError,
+                     ItemPolicyError,
+                     ItemResultEncodeError,
+                     WorkerConfigurationError,
+)
+from .observers import BatchObserver, BatchOutcome
+from .retry import RetryItem
 from .task import BatchedTask
+from .worker.bootstep import BatchingStep
+from .worker.buffer import FlushReason
 
 __all__ = [
     "BatchedTask",
     "BatchingStep",
     "RetryItem",
     "batching_stats",
+    "BatchObserver",
+    "BatchOutcome",
+    "FlushReason",
     "CeleryBatchedError",
     "BatchedTaskDefinitionError",
     "BatchedTaskOptionError",
@@ -29,8 +44,10 @@ __all__ = [
     "BatchResultError",
     "BatchSetupError",
     "ItemArgumentsError",
+    "ItemFailureStoreError",
     "ItemPolicyError",
     "ItemResultEncodeError",
+    "WorkerConfigurationError",
 ]
 __version__ = "0.1.0"
 

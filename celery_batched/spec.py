@@ -13,9 +13,21 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
-from .errors import BatchedTaskDefinitionError, BatchedTaskOptionError, ItemArgumentsError
-from .policies import (DEFAULT_MAX_OPEN_KEYS, DEFAULT_OOM_ERRORS, ItemPolicy, check_cost_bound,
-                       check_max_latency_ms, check_max_open_keys, item_policy, resolve_oom_errors)
+from .errors import (
+    BatchedTaskDefinitionError,
+    BatchedTaskOptionError,
+    ItemArgumentsError,
+)
+from .policies import (
+    DEFAULT_MAX_OPEN_KEYS,
+    DEFAULT_OOM_ERRORS,
+    ItemPolicy,
+    check_cost_bound,
+    check_max_latency_ms,
+    check_max_open_keys,
+    item_policy,
+    resolve_oom_errors,
+)
 
 DEFAULT_MAX_BATCH_SIZE: Final = 64
 DEFAULT_WAIT_MS: Final = 20

@@ -9,13 +9,13 @@ from typing import Any, ClassVar
 from celery import Celery, Task
 
 from ._internals.trace import autoretry
-from .bootstep import BatchingStep
+from .client.submit import ItemResults, starmap_items
 from .encoding import plain
-from .execution import call_batch
-from .outcomes import RetryItem
 from .policies import DEFAULT_MAX_OPEN_KEYS, DEFAULT_OOM_ERRORS
+from .pool.execution import call_batch
+from .retry import RetryItem
 from .spec import DEFAULT_MAX_BATCH_SIZE, DEFAULT_WAIT_MS, BatchSpec
-from .submit import ItemResults, starmap_items
+from .worker.bootstep import BatchingStep
 
 
 class BatchedTask(Task):
@@ -53,7 +53,7 @@ class BatchedTask(Task):
     #: Messages are acknowledged after their results are stored: at-least-once delivery.
     acks_late = True
 
-    Strategy = "celery_batched.consumer:batching_strategy"
+    Strategy = "celery_batched.worker.strategy:batching_strategy"
     _batch_spec: ClassVar[BatchSpec]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:

@@ -393,7 +393,7 @@ def test_next_call_runs_while_results_are_stored(redis_client, queue, start_work
                  env={"TEST_RESULT_SERIALIZER": serializer})
     from celery import Celery
 
-    from celery_batched.submit import ItemResults
+    from celery_batched.client.submit import ItemResults
 
     sent = pipelined.vectors.map_items(range(96), queue=queue)
     client = Celery("client", backend=REDIS_URL)  # reads results as the worker writes them

@@ -26,16 +26,16 @@ from .servers import RedisServer
 
 #: (file in the package, qualified name, known source hashes, may be absent, our mirror).
 MIRRORED = [
-    ("celery/worker/strategy.py", "default", ('3ce288f83ac588de', '6baf864d983fbf35'), False, "consumer.py (batching_strategy)"),  # 5.6.3: 3ce288f83ac588de; 5.7.0: 6baf864d983fbf35
+    ("celery/worker/strategy.py", "default", ('3ce288f83ac588de', '6baf864d983fbf35'), False, "worker.strategy (batching_strategy)"),  # 5.6.3: 3ce288f83ac588de; 5.7.0: 6baf864d983fbf35
     ("celery/worker/strategy.py", "hybrid_to_proto2", ('d19a0663d49ebafa',), False, "_internals.trace.decode_body"),  # 5.6.3,5.7.0: d19a0663d49ebafa
-    ("celery/worker/consumer/consumer.py", "Consumer.create_task_handler", ('0d187fd14146cf64', 'c5e923d322c5551f'), False, "consumer.py (receive_direct), _internals.worker.ack_promises"),  # 5.6.3: c5e923d322c5551f; 5.7.0: 0d187fd14146cf64
-    ("celery/worker/consumer/consumer.py", "Consumer.call_soon", ('67a8495bc3442f65', 'a7e5af8a7da8b30e'), False, "consumer_thread.py"),  # 5.6.3: 67a8495bc3442f65; 5.7.0: a7e5af8a7da8b30e
+    ("celery/worker/consumer/consumer.py", "Consumer.create_task_handler", ('0d187fd14146cf64', 'c5e923d322c5551f'), False, "worker.strategy (receive_direct), _internals.worker.ack_promises"),  # 5.6.3: c5e923d322c5551f; 5.7.0: 0d187fd14146cf64
+    ("celery/worker/consumer/consumer.py", "Consumer.call_soon", ('67a8495bc3442f65', 'a7e5af8a7da8b30e'), False, "worker.handoff"),  # 5.6.3: 67a8495bc3442f65; 5.7.0: a7e5af8a7da8b30e
     ("celery/worker/request.py", "Request.__init__", ('00728bc9b7c6a648',), False, "_internals.trace.make_context / delivery_details"),  # 5.6.3,5.7.0: 00728bc9b7c6a648
-    ("celery/worker/request.py", "Request.on_accepted", ('2746e351b95ff5ad',), False, "completion.Completion.accepted"),  # 5.6.3,5.7.0: 2746e351b95ff5ad
-    ("celery/worker/request.py", "Request.on_success", ('e51c750de9394de8',), False, "completion.Completion.finished"),  # 5.6.3,5.7.0: e51c750de9394de8
-    ("celery/worker/request.py", "Request.terminate", ('266a5a0ca8d0a21b',), False, "items.Item.terminate"),  # 5.6.3,5.7.0: 266a5a0ca8d0a21b
-    ("celery/worker/request.py", "Request.cancel", ('09dc120fa6a93d0e',), False, "items.Item.cancel"),  # 5.6.3,5.7.0: 09dc120fa6a93d0e
-    ("celery/worker/request.py", "Request.revoked", ('4d013a70be8c0388', 'fe824d04e0db6d41'), False, "items.Item.revoked"),  # 5.6.3: 4d013a70be8c0388; 5.7.0: fe824d04e0db6d41
+    ("celery/worker/request.py", "Request.on_accepted", ('2746e351b95ff5ad',), False, "worker.completion.Completion.accepted"),  # 5.6.3,5.7.0: 2746e351b95ff5ad
+    ("celery/worker/request.py", "Request.on_success", ('e51c750de9394de8',), False, "worker.completion.Completion.finished"),  # 5.6.3,5.7.0: e51c750de9394de8
+    ("celery/worker/request.py", "Request.terminate", ('266a5a0ca8d0a21b',), False, "worker.item.Item.terminate"),  # 5.6.3,5.7.0: 266a5a0ca8d0a21b
+    ("celery/worker/request.py", "Request.cancel", ('09dc120fa6a93d0e',), False, "worker.item.Item.cancel"),  # 5.6.3,5.7.0: 09dc120fa6a93d0e
+    ("celery/worker/request.py", "Request.revoked", ('4d013a70be8c0388', 'fe824d04e0db6d41'), False, "worker.item.Item.revoked"),  # 5.6.3: 4d013a70be8c0388; 5.7.0: fe824d04e0db6d41
     ("celery/worker/request.py", "Request.send_event", ('e570e5836a6ff840',), False, "_internals.worker.task_events_on, _internals.events.BatchEventer"),  # 5.6.3,5.7.0: e570e5836a6ff840
     ("celery/app/trace.py", "TraceInfo.handle_error_state", ('210b92b8d65e4b71',), False, "_internals.trace.store_errors_for"),  # 5.6.3,5.7.0: 210b92b8d65e4b71
     ("celery/app/trace.py", "TraceInfo.handle_retry", ('0160b5e8147c5af3',), False, "_internals.trace.record_retry"),  # 5.6.3,5.7.0: 0160b5e8147c5af3
@@ -55,26 +55,26 @@ MIRRORED = [
     ("celery/backends/redis.py", "RedisBackend.set", ('7698af42c0706c55', '96a4ae54ec3dbe2a'), False, "_internals.redis_results.store"),  # 5.6.3: 7698af42c0706c55; 5.7.0: 96a4ae54ec3dbe2a
     ("celery/backends/redis.py", "RedisBackend.ensure", ('8cca4c4547333345',), False, "_internals.redis_results.store"),  # 5.6.3,5.7.0: 8cca4c4547333345
     ("celery/result.py", "AsyncResult.__init__", ('5f46e67be38d4cb2',), False, "_internals.client.LazyAsyncResult"),  # 5.6.3,5.7.0: 5f46e67be38d4cb2
-    ("celery/result.py", "AsyncResult._maybe_set_cache", ('cf023d72d1e6cf95',), False, "submit.ItemResults.get"),  # 5.6.3,5.7.0: cf023d72d1e6cf95
-    ("celery/app/amqp.py", "AMQP.as_task_v2", ('7c5260c10ab40b50', 'bff0bfe4dc600e2f'), False, "submit._BulkSend (message template, sent_event)"),  # 5.6.3: bff0bfe4dc600e2f; 5.7.0: 7c5260c10ab40b50
+    ("celery/result.py", "AsyncResult._maybe_set_cache", ('cf023d72d1e6cf95',), False, "client.submit.ItemResults.get"),  # 5.6.3,5.7.0: cf023d72d1e6cf95
+    ("celery/app/amqp.py", "AMQP.as_task_v2", ('7c5260c10ab40b50', 'bff0bfe4dc600e2f'), False, "client.submit._BulkSend (message template, sent_event)"),  # 5.6.3: bff0bfe4dc600e2f; 5.7.0: 7c5260c10ab40b50
     ("celery/events/dispatcher.py", "EventDispatcher._prepare_event", ('74ec8b5a5dcee3b6',), True, "_internals.client.prepare_event"),  # 5.6.3: absent; 5.7.0: 74ec8b5a5dcee3b6
     ("celery/events/dispatcher.py", "EventDispatcher.publish", ('a5dc9eed11022e18', 'cecb85504c95a0ca'), False, "_internals.client.prepare_event, _internals.kombu_redis.RedisBulkPublisher.publish_event"),  # 5.6.3: a5dc9eed11022e18; 5.7.0: cecb85504c95a0ca
     ("celery/events/dispatcher.py", "EventDispatcher.send", ('adfcf9b0930f443b', 'f0926b2293574880'), False, "_internals.worker.task_events_on"),  # 5.6.3: adfcf9b0930f443b; 5.7.0: f0926b2293574880
-    ("celery/worker/consumer/tasks.py", "Tasks.start", ('0db82e24ad1e8bbf', '8bc37ce0ce91789e'), False, "bootstep.BatchingStep._disable_prefetch"),  # 5.6.3: 0db82e24ad1e8bbf; 5.7.0: 8bc37ce0ce91789e
+    ("celery/worker/consumer/tasks.py", "Tasks.start", ('0db82e24ad1e8bbf', '8bc37ce0ce91789e'), False, "worker.bootstep.BatchingStep._disable_prefetch"),  # 5.6.3: 0db82e24ad1e8bbf; 5.7.0: 8bc37ce0ce91789e
     ("celery/worker/consumer/events.py", "Events.__init__", ('fa2f13ccc0c48e1a',), False, "_internals.worker.task_events_on"),  # 5.6.3,5.7.0: fa2f13ccc0c48e1a
     ("celery/events/state.py", "Task.event", ('df11864befc2e96a',), False, "_internals.events.register_batch_fields (unknown fields kept)"),  # 5.6.3,5.7.0: df11864befc2e96a
     ("celery/events/state.py", "Task.as_dict", ('d85f8c7eca90381e',), False, "_internals.events.register_batch_fields (_fields)"),  # 5.6.3,5.7.0: d85f8c7eca90381e
     ("celery/events/state.py", "Task.info", ('dbc8310f9a8bc904',), False, "_internals.events.register_batch_fields (_info_fields)"),  # 5.6.3,5.7.0: dbc8310f9a8bc904
-    ("celery/bin/control.py", "_compile_arguments", ('49b046417dd41c0f',), False, "control.configure_batching (variadic settings)"),  # 5.6.3,5.7.0: 49b046417dd41c0f
+    ("celery/bin/control.py", "_compile_arguments", ('49b046417dd41c0f',), False, "worker.control.configure_batching (variadic settings)"),  # 5.6.3,5.7.0: 49b046417dd41c0f
     ("kombu/transport/redis.py", "Channel._brpop_read", ('5139cdc4fd9a716a', 'c2e423dfeda85f81'), False, "_internals.kombu_redis.install_bulk_fetch / guard_close"),  # 5.6.2: 5139cdc4fd9a716a; 5.7.0: c2e423dfeda85f81
     ("kombu/transport/redis.py", "Channel.close", ('5ca5e6f0419f385a',), False, "_internals.kombu_redis.guard_close"),  # 5.6.2,5.7.0: 5ca5e6f0419f385a
-    ("celery/worker/request.py", "Request.on_failure", ('fc398abf001e4690', '618a2c649c8a8bbc'), False, "_internals.worker.HeldAcks, completion.Completion._handle"),  # 5.6.3: fc398abf001e4690; 5.7.0: 618a2c649c8a8bbc
-    ("celery/worker/request.py", "Request.on_timeout", ('dedfab5a7a2c9491', '6673ada7271e2d5e'), False, "_internals.worker.HeldAcks, completion.Completion.timed_out"),  # 5.6.3: dedfab5a7a2c9491; 5.7.0: 6673ada7271e2d5e
+    ("celery/worker/request.py", "Request.on_failure", ('fc398abf001e4690', '618a2c649c8a8bbc'), False, "_internals.worker.HeldAcks, worker.completion.Completion._handle"),  # 5.6.3: fc398abf001e4690; 5.7.0: 618a2c649c8a8bbc
+    ("celery/worker/request.py", "Request.on_timeout", ('dedfab5a7a2c9491', '6673ada7271e2d5e'), False, "_internals.worker.HeldAcks, worker.completion.Completion.timed_out"),  # 5.6.3: dedfab5a7a2c9491; 5.7.0: 6673ada7271e2d5e
     ("celery/worker/request.py", "Request.acknowledge", ('d54d07070d38dc2d',), False, "_internals.worker.HeldAcks (_on_ack)"),  # 5.6.3,5.7.0: d54d07070d38dc2d
     ("celery/worker/request.py", "Request.reject", ('6ccd01a4f608220a',), False, "_internals.worker.HeldAcks (_on_reject)"),  # 5.6.3,5.7.0: 6ccd01a4f608220a
     ("celery/backends/base.py", "Backend._ensure_retryable", ('cd2ad4e2fdf2368b',), True, "_internals.trace.is_outage (BackendStoreError's context), write_retried"),  # 5.6.3: absent; 5.7.0: cd2ad4e2fdf2368b
     ("celery/backends/base.py", "Backend.store_result", ('0cb6b1b0f1c1fd82', '1edd4057ee1dfecb'), False, "_internals.trace.write_retried / store_results"),  # 5.6.3: 0cb6b1b0f1c1fd82; 5.7.0: 1edd4057ee1dfecb
-    ("celery/app/base.py", "Celery.send_task", ('f1136ece96a0570e', 'ebff3ef3504b097f'), False, "submit._BulkSend (reply_to)"),  # 5.6.3: f1136ece96a0570e; 5.7.0: ebff3ef3504b097f
+    ("celery/app/base.py", "Celery.send_task", ('f1136ece96a0570e', 'ebff3ef3504b097f'), False, "client.submit._BulkSend (reply_to)"),  # 5.6.3: f1136ece96a0570e; 5.7.0: ebff3ef3504b097f
     ("kombu/transport/redis.py", "QoS.append", ('6883fd4024f51ad8',), False, "_internals.kombu_redis._POP_AND_TRACK / _deliver_more"),  # 5.6.2,5.7.0: 6883fd4024f51ad8
     ("kombu/transport/redis.py", "QoS._remove_from_indices", ('bda3c1298cc3e698',), False, "_internals.kombu_redis.ack_many"),  # 5.6.2,5.7.0: bda3c1298cc3e698
     ("kombu/transport/redis.py", "Channel._put", ('15ace6be28b0218e', '8cbd1540bed9a9d2'), False, "_internals.kombu_redis.RedisBulkPublisher.publish_task"),  # 5.6.2: 8cbd1540bed9a9d2; 5.7.0: 15ace6be28b0218e
@@ -88,15 +88,15 @@ MIRRORED = [
     ("kombu/transport/virtual/base.py", "Message.__init__", ('117c34027c7f3eec',), False, "_internals.kombu_redis._deliver_more"),  # 5.6.2,5.7.0: 117c34027c7f3eec
     ("kombu/transport/virtual/base.py", "QoS.append", ('7dbb9ebe24bc3800',), False, "_internals.kombu_redis._POP_AND_TRACK / _deliver_more"),  # 5.6.2,5.7.0: 7dbb9ebe24bc3800
     ("kombu/transport/virtual/base.py", "QoS.ack", ('1467f5999364f592',), False, "_internals.kombu_redis.ack_many"),  # 5.6.2,5.7.0: 1467f5999364f592
-    ("kombu/messaging.py", "Consumer._receive_callback", ('4504ce70e6328122',), False, "consumer.py (receive_direct)"),  # 5.6.2,5.7.0: 4504ce70e6328122
-    ("kombu/messaging.py", "Producer.publish", ('6a96f1fdbdd96138', 'acb76df4d8e717e5'), False, "submit._BulkSend"),  # 5.6.2: 6a96f1fdbdd96138; 5.7.0: acb76df4d8e717e5
-    ("kombu/messaging.py", "Producer._publish", ('4709062e9da7194e', 'e24d6659320c2a8f'), False, "submit._BulkSend._send_each"),  # 5.6.2: e24d6659320c2a8f; 5.7.0: 4709062e9da7194e
+    ("kombu/messaging.py", "Consumer._receive_callback", ('4504ce70e6328122',), False, "worker.strategy (receive_direct)"),  # 5.6.2,5.7.0: 4504ce70e6328122
+    ("kombu/messaging.py", "Producer.publish", ('6a96f1fdbdd96138', 'acb76df4d8e717e5'), False, "client.submit._BulkSend"),  # 5.6.2: 6a96f1fdbdd96138; 5.7.0: acb76df4d8e717e5
+    ("kombu/messaging.py", "Producer._publish", ('4709062e9da7194e', 'e24d6659320c2a8f'), False, "client.submit._BulkSend._send_each"),  # 5.6.2: e24d6659320c2a8f; 5.7.0: 4709062e9da7194e
     ("kombu/utils/json.py", "loads", ('137b3f07f0d880d4',), False, "_internals.kombu_redis._decode, _internals.trace.decode_body"),  # 5.6.2,5.7.0: 137b3f07f0d880d4
     ("kombu/utils/json.py", "dumps", ('6f1e68590bfda110',), False, "encoding._json, _internals.kombu_redis._Splicer"),  # 5.6.2,5.7.0: 6f1e68590bfda110
     ("kombu/utils/json.py", "object_hook", ('cf29125995c05973',), False, "_internals.kombu_redis._decode"),  # 5.6.2,5.7.0: cf29125995c05973
     ("kombu/serialization.py", "SerializerRegistry.loads", ('9eba04cf610754f3',), False, "_internals.trace.decode_body"),  # 5.6.2,5.7.0: 9eba04cf610754f3
-    ("kombu/common.py", "QoS.set", ('89a13592b453b331',), False, "prefetch.Prefetch"),  # 5.6.2,5.7.0: 89a13592b453b331
-    ("kombu/common.py", "QoS.update", ('5f852ef8dae033e3',), False, "prefetch.Prefetch"),  # 5.6.2,5.7.0: 5f852ef8dae033e3
+    ("kombu/common.py", "QoS.set", ('89a13592b453b331',), False, "worker.prefetch.Prefetch"),  # 5.6.2,5.7.0: 89a13592b453b331
+    ("kombu/common.py", "QoS.update", ('5f852ef8dae033e3',), False, "worker.prefetch.Prefetch"),  # 5.6.2,5.7.0: 5f852ef8dae033e3
 ]
 
 

@@ -217,3 +217,36 @@ def test_flower_task_page_shows_the_batch(redis_client, queue, start_worker, tmp
         except subprocess.TimeoutExpired:
             flower.kill()
         log.close()
+
+
+def test_batch_observers_see_every_batch(redis_client, queue, start_worker):
+    """``batching_observers``: a user's observer is told every batch's flush, execution and
+    end, with the items and outcomes that really ran; one that raises is logged and changes
+    nothing."""
+    from .apps import observed
+
+    worker = start_worker("tests.apps.observed", queues=queue)
+    results = [observed.halve.apply_async((x,), queue=queue) for x in range(40)]
+    for x, r in enumerate(results):
+        if x % 2:
+            with pytest.raises(ValueError):
+                r.get(timeout=15)
+        else:
+            assert r.get(timeout=15) == x // 2
+    wait_for(lambda: redis_client.llen("obs:finished") >= redis_client.llen("obs:flushed") > 0,
+             10, what="every flushed batch finished")
+    flushed = [b.decode().split("|") for b in redis_client.lrange("obs:flushed", 0, -1)]
+    executed = [b.decode().split("|") for b in redis_client.lrange("obs:executed", 0, -1)]
+    finished = [b.decode().split("|") for b in redis_client.lrange("obs:finished", 0, -1)]
+    ids = [f[0] for f in flushed]
+    assert len(set(ids)) == len(ids) and [e[0] for e in executed] == ids
+    assert sorted(f[0] for f in finished) == sorted(ids)
+    assert all(e[1] == "True" for e in executed)
+    item_ids = [i for f in flushed for i in f[3].split(",")]
+    assert sorted(item_ids) == sorted(r.id for r in results), "an item was missed or seen twice"
+    assert sum(int(f[1]) for f in flushed) == 40
+    assert {f[2] for f in flushed} <= {"size", "wait_ms"}
+    counts = [list(map(int, f[1:])) for f in finished]
+    assert sum(c[0] for c in counts) == 20 and sum(c[1] for c in counts) == 20
+    assert sum(c[2] + c[3] for c in counts) == 0
+    assert "batch observer" in worker.log() and "an observer's bug" in worker.log()

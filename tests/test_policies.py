@@ -183,7 +183,7 @@ def test_policy_options_are_checked_at_definition(options, error, says):
 
 
 def test_fit_limit_remembers_the_size_that_fitted_and_grows_back():
-    from celery_batched.oom import GROW_AFTER, FitLimit
+    from celery_batched.pool.oom import GROW_AFTER, FitLimit
 
     fit = FitLimit(max_batch_size=64)
     fit.out_of_memory(64)
@@ -205,7 +205,7 @@ def test_fit_limit_remembers_the_size_that_fitted_and_grows_back():
 
 
 def test_latency_model_fits_execution_time_and_decides_to_wait():
-    from celery_batched.latency import LatencyModel
+    from celery_batched.worker.latency import LatencyModel
 
     model = LatencyModel(target_ms=100, max_batch_size=32)
     for n in (1, 8, 16, 32, 4, 24) * 5:

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import pytest
 from celery import Celery
 
-from celery_batched.submit import ItemResults
+from celery_batched.client.submit import ItemResults
 
 from .apps.quorum import quorum_queue
 from .conftest import REDIS_URL

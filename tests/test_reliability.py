@@ -15,7 +15,7 @@ from kombu import Connection
 
 from . import report
 from .conftest import AMQP_URL, REDIS_URL
-from celery_batched.submit import ItemResults
+from celery_batched.client.submit import ItemResults
 
 from .servers import RabbitVhost, RedisServer
 from .workers import wait_for

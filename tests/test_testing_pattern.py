@@ -25,7 +25,7 @@ from celery import bootsteps, signals
 from celery.contrib.testing.worker import start_worker
 
 from celery_batched import BatchedTask
-from celery_batched.bootstep import BatchingStep
+from celery_batched.worker.bootstep import BatchingStep
 
 from .conftest import REDIS_URL
 
@@ -167,7 +167,7 @@ def test_step_attached_while_the_worker_starts(broker, celery_app, no_batching_y
 ])
 def test_no_step_can_be_attached_error_says_what_to_do(consumer) -> None:
     from celery_batched import BatchingNotInstalledError
-    from celery_batched.consumer import batching_strategy
+    from celery_batched.worker.strategy import batching_strategy
 
     task = SimpleNamespace(name="proj.embed")
     with pytest.raises(BatchingNotInstalledError, match=r"proj.embed .* none can be attached .*"

@@ -185,7 +185,7 @@ def _record_ack_threads() -> None:
     from kombu.message import Message
     from kombu.transport.virtual import base as virtual_base
 
-    from celery_batched import completion
+    from celery_batched.worker import completion
 
     def recording(what: str, fn):  # noqa: ANN001, ANN202
         def wrapper(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202

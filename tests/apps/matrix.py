@@ -11,7 +11,7 @@ Item kinds (the first argument) say what the function does with that item:
 
 * ``ok`` -- returns ``x * 2``;
 * ``fail`` -- its position holds a ``ValueError`` (the item fails alone);
-* ``retry`` -- ``RetryItem`` on its first run, ``x * 2`` after;
+* ``retry`` -- ``RetryItem`` on its first run, ``x * 2`` after; ``retry3`` on its first three;
 * ``autoretry`` -- raises ``KeyError`` inside the task's ``autoretry_for`` on its first run;
 * ``oom`` -- the call raises ``MemoryError`` while this item is in it: the batch is split
   down to the item, which fails alone;
@@ -87,6 +87,8 @@ def _run(kinds: list[str], xs: list[int]) -> list[Any]:
             out.append(ValueError(f"item {x} fails"))
         elif kind == "retry" and _first_run(x):
             out.append(RetryItem(countdown=0.2))
+        elif kind == "retry3" and _record.hincrby("tries", str(x), 1) <= 3:
+            out.append(RetryItem(countdown=0.2))  # up to the task's max_retries (3)
         elif kind == "unencodable":
             out.append({x})
         elif kind == "autoretry" and _first_run(x):

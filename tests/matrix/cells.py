@@ -22,12 +22,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 #: The state each kind of item ends in when nothing else is said (``Cell.expect`` overrides).
-DEFAULT_STATES = {"ok": "SUCCESS", "fail": "FAILURE", "retry": "SUCCESS",
+DEFAULT_STATES = {"ok": "SUCCESS", "fail": "FAILURE", "retry": "SUCCESS", "retry3": "SUCCESS",
                   "autoretry": "SUCCESS", "oom": "FAILURE", "unencodable": "FAILURE",
                   "expire": "REVOKED", "revoke": "REVOKED", "die": "FAILURE",
                   "slow": "FAILURE", "stuck": "FAILURE", "chord": "SUCCESS"}
 #: Runs an item of each kind may take without a fault (a retried item runs twice).
-DEFAULT_RUNS = {"retry": 2, "autoretry": 2, "expire": 0, "revoke": 0, "oom": 0, "die": 1,
+DEFAULT_RUNS = {"retry": 2, "retry3": 4, "autoretry": 2, "expire": 0, "revoke": 0, "oom": 0, "die": 1,
                 "slow": 0, "stuck": 0}
 
 
@@ -183,8 +183,8 @@ CELLS: tuple[Cell, ...] = (
     Cell("redis-redis-no-scripts-acl", "no scripts", fault="no-scripts-acl",
          workload=(("ok", 40), ("unencodable", 4))),
     Cell("redis-redis-retry-outage", "retry during an outage", fault="backend-down",
-         fault_after=0, fault_s=4.0, workload=(("retry", 4), ("ok", 12)),
-         max_runs={"*": 10}, twice="the retried items' later runs, handed back"),
+         fault_after=0, fault_s=4.0, workload=(("retry3", 4), ("ok", 12)),
+         max_runs={"*": 14}, twice="the retried items' later runs, handed back"),
     Cell("redis-redis-expire-outage", "expired while buffered, backend down",
          fault="backend-down", fault_after=0, fault_s=3.0,
          workload=(("expire", 1), ("ok", 2)), task_options={"wait_ms": 1500},

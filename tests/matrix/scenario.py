@@ -25,7 +25,7 @@ from kombu import Queue
 
 from celery_batched import BatchedTask
 
-from ..conftest import AMQP_URL, REDIS_URL
+from ..conftest import REDIS_URL
 from ..servers import NO_SCRIPTING, PostgresDatabase, RabbitVhost, RedisSentinel, RedisServer
 from ..workers import Worker
 from .cells import Cell
@@ -251,7 +251,7 @@ class Scenario:
         expect_pending = {k for k, _ in self.cell.workload if "PENDING" in self.cell.states(k)}
         deadline = time.monotonic() + timeout
         if self.cell.backend == "rpc":
-            from celery_batched.submit import ItemResults
+            from celery_batched.client.submit import ItemResults
             ItemResults([r for _, _, r in self.items], self.client).get(
                 timeout=timeout, propagate=False)
         while True:

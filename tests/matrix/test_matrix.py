@@ -49,7 +49,7 @@ def check(cell: Cell, scenario: Scenario, states: dict) -> None:
         state, value = states[result.id]
         if state not in cell.states(kind):
             wrong.append(f"{kind} item {x}: {state}, expected {sorted(cell.states(kind))}")
-        elif state == "SUCCESS" and kind in ("ok", "retry", "autoretry", "chord") \
+        elif state == "SUCCESS" and kind in ("ok", "retry", "retry3", "autoretry", "chord") \
                 and value is not None and value != x * 2:
             wrong.append(f"{kind} item {x}: result {value!r}, expected {x * 2}")
         if runs.get(x, 0) > cell.runs_allowed(kind):

@@ -25,9 +25,13 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .errors import WorkerConfigurationError
+from ...errors import WorkerConfigurationError
+from ...observers import BatchObserver, BatchOutcome
+
+if TYPE_CHECKING:
+    from ..batch import Batch
 
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 WAIT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -35,12 +39,13 @@ EXEC_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 
                 60.0)
 
 
-class BatchMetrics:
-    """The worker's batching metrics; the bootstep and ``Completion`` report to it."""
+class BatchMetrics(BatchObserver):
+    """The worker's batching metrics: a batch observer (``observers.py``)."""
 
     def __init__(self, buffered: Callable[[], dict[str, int]]) -> None:
         try:
-            from prometheus_client import CollectorRegistry, Counter as PCounter, Histogram
+            from prometheus_client import CollectorRegistry, Histogram
+            from prometheus_client import Counter as PCounter
             from prometheus_client.core import GaugeMetricFamily
         except ImportError as exc:
             raise WorkerConfigurationError(
@@ -101,7 +106,7 @@ class BatchMetrics:
             self._server.server_close()
             self._server = None
 
-    def flushed(self, batch: Any) -> None:
+    def flushed(self, batch: Batch) -> None:
         """A batch went to the pool."""
         name = batch.task.name
         self.in_flight[name] += 1
@@ -111,14 +116,13 @@ class BatchMetrics:
         for wait in batch.waits():
             observe(wait)
 
-    def finished(self, batch: Any, runtime: float | None, succeeded: int, failed: int,
-                 retried: int, handed_back: int) -> None:
-        """Every item of the batch has its outcome (``runtime`` None: the pool lost it)."""
+    def finished(self, batch: Batch, outcome: BatchOutcome) -> None:
+        """Every item of the batch has its outcome (``runtime_s`` None: the pool lost it)."""
         name = batch.task.name
         self.in_flight[name] -= 1
-        if runtime is not None:
-            self.execution.labels(name).observe(runtime)
-        for outcome, n in (("succeeded", succeeded), ("failed", failed), ("retried", retried),
-                           ("handed_back", handed_back)):
+        if outcome.runtime_s is not None:
+            self.execution.labels(name).observe(outcome.runtime_s)
+        for label, n in (("succeeded", outcome.succeeded), ("failed", outcome.failed),
+                         ("retried", outcome.retried), ("handed_back", outcome.handed_back)):
             if n:
-                self.items.labels(name, outcome).inc(n)
+                self.items.labels(name, label).inc(n)

@@ -25,11 +25,11 @@ from celery.result import AsyncResult, EagerResult, ResultSet
 from celery.utils.nodenames import anon_nodename
 from celery.utils.saferepr import saferepr
 
-from ._internals import redis_results
-from ._internals.client import LazyAsyncResult, prepare_event
-from ._internals.kombu_redis import RedisBulkPublisher
-from ._types import BatchedTaskLike
-from .errors import ItemArgumentsError
+from .._internals import redis_results
+from .._internals.client import LazyAsyncResult, prepare_event
+from .._internals.kombu_redis import RedisBulkPublisher
+from ..errors import ItemArgumentsError
+from ..protocol import BatchedTaskLike
 
 PUBLISH_BATCH_SIZE = 1000
 _MESSAGE_OPTIONS = ("countdown", "eta", "expires", "time_limit", "soft_time_limit",

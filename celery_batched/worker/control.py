@@ -19,7 +19,7 @@ from typing import Any
 
 from celery.worker.control import Panel, control_command, inspect_command
 
-from .errors import BatchedTaskOptionError
+from ..errors import BatchedTaskOptionError
 
 
 def _batching(state: Any) -> Any:

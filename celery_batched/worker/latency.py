@@ -17,6 +17,13 @@ observations, execution counts as free and the rate as unknown (flush at once).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+from ..observers import BatchObserver
+
+if TYPE_CHECKING:
+    from .batch import Batch
+
 #: Weight of the newest observation in the running means.
 ALPHA = 0.2
 #: A key's arrival gap is forgotten after this many seconds of silence (a new burst starts).
@@ -92,3 +99,23 @@ class LatencyModel:
         return {"target_ms": self.target_s * 1000.0,
                 "expected_exec_ms_1": round(self.execution_s(1) * 1000.0, 3),
                 "expected_exec_ms_max": round(self.execution_s(self.max_batch_size) * 1000.0, 3)}
+
+
+class LatencyModels(BatchObserver):
+    """The ``LatencyModel`` of each task with ``max_latency_ms``: what it learned survives
+    reconnects (a buffer per connection, one model per task); it learns from every batch that
+    ran the function."""
+
+    def __init__(self) -> None:
+        self.by_task: dict[str, LatencyModel] = {}
+
+    def for_task(self, name: str, target_ms: float, max_batch_size: int) -> LatencyModel:
+        model = self.by_task.get(name)
+        if model is None:
+            model = self.by_task[name] = LatencyModel(target_ms, max_batch_size)
+        return model
+
+    def executed(self, batch: Batch, runtime_s: float) -> None:
+        model = self.by_task.get(batch.task.name)
+        if model is not None and not batch.preset_errors:
+            model.observe(len(batch.items), runtime_s)

@@ -2,68 +2,36 @@
 
 The job carries each item's headers and still-encoded body (``Item.wire``); the pool decodes
 them (``execution.py``). Its callbacks may arrive on a pool thread; each is carried over to the
-consumer's thread (``consumer_thread.py``). Successes the pool left to the worker's main process
+consumer's thread (``handoff.py``). Successes the pool left to the worker's main process
 go to the result writer, and the batch completes (acks, events) once they are stored.
 """
 
 from __future__ import annotations
 
-import itertools
-import time
-import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 from celery.utils.log import get_logger
 
-from ._internals import worker
-from ._wire import STORE, BatchReply
-from .buffer import INVALID
+from .._internals import worker
+from ..observers import BatchOutcome, Observers
+from ..pool.execution import execute_batch
+from ..protocol import BatchReply, Outcome
+from .batch import Batch
+from .buffer import FlushReason
 from .completion import Completion, batch_fields
-from .consumer_thread import ConsumerThread
-from .execution import execute_batch
+from .handoff import ConsumerThread
 from .prefetch import TaskCredit
 from .writer import ResultWriter
 
 logger = get_logger(__name__)
-
-_batch_ids = itertools.count(1)
-_id_prefix = uuid.uuid4().hex[:6]
-
-
-class Batch:
-    """One flushed batch, from the flush to its last ack."""
-
-    __slots__ = ("id", "task", "items", "credit", "reason", "first_buffered_at", "flushed_at",
-                 "want_repr", "_waits")
-
-    def __init__(self, task: Any, items: Sequence[Any], credit: TaskCredit, reason: str,
-                 want_repr: bool) -> None:
-        self.id = f"{_id_prefix}-{next(_batch_ids)}"
-        self.task = task
-        self.items = items
-        self.credit = credit
-        self.reason = reason
-        self.first_buffered_at = min(it.buffered_at for it in items)
-        self.flushed_at = time.monotonic()
-        self.want_repr = want_repr
-        self._waits: list[float] | None = None
-
-    def waits(self) -> list[float]:
-        """Seconds each item waited in the buffer, in item order (computed once)."""
-        if self._waits is None:
-            flushed_at = self.flushed_at
-            self._waits = [flushed_at - it.buffered_at for it in self.items]
-        return self._waits
-
 
 class BatchDispatcher:
     """Turns a flushed batch into one pool job and its outcome into a completed batch."""
 
     def __init__(self, consumer: Any, thread: ConsumerThread, completion: Completion,
                  writer: ResultWriter, slots: Callable[[], int],
-                 on_batch: Callable[[Batch], None], on_slot_free: Callable[[], None],
-                 on_executed: Callable[[Batch, BatchReply], None] = lambda b, r: None) -> None:
+                 observers: Observers, on_slot_free: Callable[[], None]) -> None:
         self.consumer = consumer
         self.pool = consumer.pool
         self.hostname = consumer.hostname
@@ -71,9 +39,8 @@ class BatchDispatcher:
         self.completion = completion
         self.writer = writer
         self.slots = slots
-        self.on_batch = on_batch
+        self.observers = observers
         self.on_slot_free = on_slot_free
-        self.on_executed = on_executed
         self.in_flight = 0
         self.result_extended = bool(consumer.app.conf.find_value_for_key("extended", "result"))
 
@@ -81,7 +48,7 @@ class BatchDispatcher:
         """Every pool process has a batch (running, or queued for it)."""
         return self.in_flight >= self.slots()
 
-    def __call__(self, items: list[Any], credit: TaskCredit, reason: str) -> None:
+    def __call__(self, items: list[Any], credit: TaskCredit, reason: FlushReason) -> None:
         live = [it for it in items if not it.revoked()]  # revoked/expired: marked REVOKED, acked
         if len(live) < len(items):
             credit.release(len(items) - len(live))
@@ -91,13 +58,13 @@ class BatchDispatcher:
         batch = Batch(task, live, credit, reason,
                       worker.task_events_on(self.consumer.event_dispatcher, task))
         self.in_flight += 1
-        self.on_batch(batch)
+        self.observers.flushed(batch)
         call = self.thread.call
         try:
             self.pool.apply_async(
                 execute_batch,
                 args=(task, [it.wire() for it in live], batch.want_repr, self.hostname,
-                      _preset_errors(live) if reason == INVALID else None,
+                      batch.preset_errors,
                       _batch_meta(batch) if self.result_extended else None),
                 accept_callback=lambda pid, t: call(self.completion.accepted, batch, pid, t),
                 callback=lambda reply: call(self._done, batch, reply),
@@ -115,16 +82,15 @@ class BatchDispatcher:
                 worker.task_ready(it)
             credit.release(len(live))
             self.in_flight -= 1
-            if self.completion.metrics is not None:
-                self.completion.metrics.finished(batch, None, 0, 0, 0, len(live))
+            self.observers.finished(batch, BatchOutcome(0, 0, 0, len(live), None))
 
     def _done(self, batch: Batch, reply: Any) -> None:
         self.in_flight -= 1
         if not isinstance(reply, BatchReply):  # threads/solo report a lost job as an ExceptionInfo
             self.completion.failed(batch, reply)
         else:
-            self.on_executed(batch, reply)
-            if STORE in reply.codes:
+            self.observers.executed(batch, reply.runtime)
+            if Outcome.STORE in reply.codes:
                 self.writer.submit(batch, reply)
             else:
                 self.completion.finished(batch, reply, None)
@@ -138,12 +104,6 @@ class BatchDispatcher:
     def written(self, batch: Batch, reply: BatchReply, written: Any) -> None:
         """The writer stored the batch's results (writer thread): complete it on the consumer."""
         self.thread.call(self.completion.finished, batch, reply, written)
-
-
-def _preset_errors(items: Sequence[Any]) -> dict[int, BaseException] | None:
-    """Items that fail without running: their ``batch_key``/``batch_cost`` raised."""
-    errors = {i: it.error for i, it in enumerate(items) if it.error is not None}
-    return errors or None
 
 
 def _batch_meta(batch: Batch) -> dict[str, dict[str, Any]]:

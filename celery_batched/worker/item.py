@@ -17,8 +17,8 @@ from typing import Any
 from celery.utils.log import get_logger
 from celery.worker.state import revoked as revoked_tasks
 
-from ._internals import trace, worker
-from ._wire import WireItem
+from .._internals import trace, worker
+from ..protocol import WireItem
 
 logger = get_logger(__name__)
 
@@ -83,7 +83,7 @@ class Item:
         return req
 
     def wire(self) -> WireItem:
-        """What the pool needs of this message (``_wire.WireItem``)."""
+        """What the pool needs of this message (``protocol.WireItem``)."""
         req, message = self._request, self.message
         body = message.body
         content_type, content_encoding = message.content_type, message.content_encoding

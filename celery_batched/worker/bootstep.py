@@ -18,19 +18,20 @@ from typing import Any
 from celery import bootsteps
 from celery.utils.log import get_logger
 
+from .. import observers, tuning
+from .._internals import worker
+from .._internals.kombu_redis import guard_close, install_bulk_fetch
+from ..observers import Observers
 from . import control  # noqa: F401  (registers the remote-control commands)
-from . import interpreter
-from ._internals import worker
-from ._internals.kombu_redis import guard_close, install_bulk_fetch
-from .buffer import INVALID, BatchBuffer
+from .buffer import BatchBuffer
+from .checks import check_result_serializer, check_worker
 from .completion import Completion
-from .consumer_thread import ConsumerThread
-from .dispatch import Batch, BatchDispatcher
-from .latency import LatencyModel
-from .metrics import BatchMetrics
+from .dispatch import BatchDispatcher
+from .handoff import ConsumerThread
+from .latency import LatencyModels
+from .observe.metrics import BatchMetrics
+from .observe.records import TaskRecord, TaskRecords
 from .prefetch import Prefetch
-from .records import TaskRecord
-from .worker_checks import check_result_serializer, check_worker
 from .writer import ResultWriter
 
 logger = get_logger(__name__)
@@ -53,10 +54,14 @@ class BatchingStep(bootsteps.StartStopStep):
         self.consumer = c
         check_result_serializer(c.app)  # before Celery builds its result backend (the banner)
         self.buffers: dict[str, BatchBuffer] = {}
-        self.records: dict[str, TaskRecord] = {}
-        #: Prometheus metrics, when ``batching_metrics_port`` is set (``metrics.py``).
+        #: What ``inspect batching_stats`` reports, per task.
+        self.records = TaskRecords()
+        #: Prometheus metrics, when ``batching_metrics_port`` is set (``observe/metrics.py``).
         self.metrics: BatchMetrics | None = None
-        self.latency_models: dict[str, LatencyModel] = {}
+        #: What ``max_latency_ms`` learned, per task; it survives reconnects.
+        self.latency_models = LatencyModels()
+        #: Everything told about each batch: the above and the app's ``batching_observers``.
+        self.observers = Observers([])
         self.thread: ConsumerThread | None = None
         self.writer: ResultWriter | None = None
         self.dispatcher: BatchDispatcher | None = None
@@ -67,25 +72,29 @@ class BatchingStep(bootsteps.StartStopStep):
         self._previous_switch: float | None = None
         # Before the pool forks its processes: they start with the heap frozen too, so their
         # own freeze after setup() collects only what was made since.
-        self._froze = interpreter.freeze_startup_heap(c.app)
+        self._froze = tuning.freeze_startup_heap(c.app)
 
     def start(self, c: Any) -> None:
         first = self.thread is None
         if self.thread is None:  # first start: what lives as long as the worker
             check_worker(c.app, c.connection.transport.driver_type,
                          getattr(c.controller, "max_concurrency", None) or self.slots())
-            self._previous_switch = interpreter.shorten_switch_interval(c.app)
+            self._previous_switch = tuning.shorten_switch_interval(c.app)
             self.thread = ConsumerThread(c, self.thread_lock)
-            self.writer = ResultWriter(on_written=self._written)
-            self.thread.drain_at_close(self._drain_writer, SHUTDOWN_DRAIN_S)
             port = c.app.conf.get("batching_metrics_port")
             if port:
                 self.metrics = BatchMetrics(self._buffered)
                 self.metrics.serve(int(port), c.app.conf.get("batching_metrics_addr") or "127.0.0.1")
+            self.observers = Observers([
+                self.records, self.latency_models, *([self.metrics] if self.metrics else []),
+                *observers.from_config(c.app.conf.get("batching_observers"))])
+            writer = ResultWriter()
+            self.thread.drain_at_close(self._drain_writer, SHUTDOWN_DRAIN_S)
             self.dispatcher = BatchDispatcher(
-                c, self.thread, Completion(c, self.thread.call_ack, self.metrics), self.writer,
-                self.slots, on_batch=self._count_batch, on_slot_free=self._flush_due,
-                on_executed=self._executed)
+                c, self.thread, Completion(c, self.thread.call_ack, self.observers), writer,
+                self.slots, self.observers, on_slot_free=self._flush_due)
+            writer.on_written = self.dispatcher.written
+            self.writer = writer
         else:
             self.thread.arm()
         self.buffers = {}
@@ -109,7 +118,7 @@ class BatchingStep(bootsteps.StartStopStep):
                         "%d)", quorum, count, base, share)
         self.prefetch.apply()
         if first:  # what start-up made since: the connection, the pool, the consumer's state
-            interpreter.freeze_startup_heap(c.app)
+            tuning.freeze_startup_heap(c.app)
 
     def _direct_receiver(self, payload: dict[str, Any]) -> Any:
         """The batched task's own entry for a message the bulk fetch popped (or None)."""
@@ -155,11 +164,9 @@ class BatchingStep(bootsteps.StartStopStep):
             if self.consumer.hub is None:  # timer callbacks come from the timer's own thread
                 timer = _LockedTimer(timer, self.thread_lock)
             latency = None
-            if spec.max_latency_ms is not None:  # what it learned survives reconnects
-                latency = self.latency_models.get(task.name)
-                if latency is None:
-                    latency = self.latency_models[task.name] = LatencyModel(
-                        spec.max_latency_ms, spec.max_batch_size)
+            if spec.max_latency_ms is not None:
+                latency = self.latency_models.for_task(task.name, spec.max_latency_ms,
+                                                       spec.max_batch_size)
             buffer = self.buffers[task.name] = BatchBuffer(
                 spec, timer, self.prefetch.credit_for(spec.max_batch_size),
                 self.dispatcher, pool_busy=self.dispatcher.pool_busy, latency=latency)
@@ -192,7 +199,7 @@ class BatchingStep(bootsteps.StartStopStep):
             self.writer.stop()
         if self.metrics is not None:
             self.metrics.stop()
-        interpreter.restore(self._previous_switch, self._froze)
+        tuning.restore(self._previous_switch, self._froze)
         self._previous_switch, self._froze = None, False
 
     def _drain_writer(self, timeout: float) -> bool:
@@ -205,29 +212,9 @@ class BatchingStep(bootsteps.StartStopStep):
                      "delivered again", self.writer.pending, SHUTDOWN_DRAIN_S)
         return False
 
-    def _written(self, batch: Batch, reply: Any, written: Any) -> None:
-        assert self.dispatcher is not None
-        self.dispatcher.written(batch, reply, written)
-
     def _flush_due(self) -> None:
         for buffer in list(self.buffers.values()):
             buffer.flush_if_due()
-
-    def _executed(self, batch: Batch, reply: Any) -> None:
-        name = batch.task.name
-        self.records[name].executed(reply.runtime)
-        latency = self.latency_models.get(name)
-        if latency is not None and batch.reason != INVALID:
-            latency.observe(len(batch.items), reply.runtime)
-
-    def _count_batch(self, batch: Batch) -> None:
-        name = batch.task.name
-        record = self.records.get(name)
-        if record is None:
-            record = self.records[name] = TaskRecord()
-        record.flushed(batch)
-        if self.metrics is not None:
-            self.metrics.flushed(batch)
 
     def reconfigure(self, task: Any, changes: dict[str, Any]) -> dict[str, Any]:
         """``configure_batching``: new options for ``task`` on this worker, from now on."""
@@ -238,7 +225,7 @@ class BatchingStep(bootsteps.StartStopStep):
             buffer = self.buffers.get(task.name)
             if buffer is not None:
                 buffer.reconfigure(spec)
-            latency = self.latency_models.get(task.name)  # shared by this task's buffers
+            latency = self.latency_models.by_task.get(task.name)  # shared by its buffers
             if latency is not None and spec.max_latency_ms is not None:
                 latency.reconfigure(spec.max_latency_ms, spec.max_batch_size)
         logger.info("celery_batched: %s reconfigured: %s", task.name,
@@ -259,8 +246,8 @@ class BatchingStep(bootsteps.StartStopStep):
 
     def stats(self) -> dict[str, Any]:
         out = {}
-        for name in {**self.records, **self.buffers}:
-            record = self.records.get(name) or TaskRecord()
+        for name in {**self.records.by_task, **self.buffers}:
+            record = self.records.by_task.get(name) or TaskRecord()
             buffer = self.buffers.get(name)
             task = self.consumer.app.tasks.get(name)
             out[name] = {
@@ -271,8 +258,9 @@ class BatchingStep(bootsteps.StartStopStep):
             }
             if buffer is not None and buffer.spec.policy is not None:
                 out[name]["open_keys"] = buffer.open_keys
-            if name in self.latency_models:
-                out[name]["latency"] = self.latency_models[name].snapshot()
+            model = self.latency_models.by_task.get(name)
+            if model is not None:
+                out[name]["latency"] = model.snapshot()
         return out
 
     @classmethod

@@ -29,7 +29,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from ._in_flight import InFlight
+from .in_flight import InFlight
 
 logger = logging.getLogger(__name__)
 

@@ -2,9 +2,10 @@
 
 Runs in the pool (a prefork child, a pool thread, or the consumer itself with ``solo``). The
 bodies arrive still encoded and are decoded here, off the consumer. Successes that the worker's
-main process can store come back as values (``STORE``), so this process is free for the next
+main process can store come back as values (``Outcome.STORE``), so this process is free for
+the next
 batch while they are written; everything Celery's tracer would do in the pool -- callbacks,
-chords, success hooks, failures, retries -- happens here (``item_results.py``).
+chords, success hooks, failures, retries -- happens here (``outcomes.py``).
 """
 
 from __future__ import annotations
@@ -20,15 +21,14 @@ from typing import Any
 from celery import signals
 from celery.exceptions import SoftTimeLimitExceeded
 
-from ._internals import trace
-from ._types import BatchedTaskLike
-from ._wire import BatchReply, WireItem
-from .errors import BatchResultError, BatchSetupError
+from .._internals import trace
+from ..errors import BatchResultError, BatchSetupError
+from ..policies import is_oom
+from ..protocol import BatchedTaskLike, BatchReply, WireItem
+from ..tuning import freeze_startup_heap
 from .event_loop import run_coroutine
-from .interpreter import freeze_startup_heap
-from .item_results import ItemOutcomes
 from .oom import fit_limit, free_cuda_cache
-from .policies import is_oom
+from .outcomes import ItemOutcomes
 
 _setup_lock = threading.Lock()
 logger = logging.getLogger(__name__)
@@ -143,7 +143,7 @@ def _concat(parts: list[Any]) -> Any:
 def _call_once(task: BatchedTaskLike, rows: Sequence[tuple[Any, ...]]) -> Any:
     ensure_setup(task)
     columns = [list(col) for col in zip(*rows)]
-    # Celery's autoretry wraps ``run`` as a whole; retries are per item here (outcomes.py).
+    # Celery's autoretry wraps ``run`` as a whole; retries are per item here (``outcomes.py``).
     fun = task.__dict__.get("_orig_run") or task.run
     spec = task._batch_spec
     n_pos = spec.n_positional

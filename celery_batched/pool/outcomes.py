@@ -25,15 +25,18 @@ from typing import Any
 from celery import signals, states
 from celery.exceptions import Retry
 
-from ._internals import trace, worker
-from ._types import BatchedTaskLike
-from ._wire import DONE, FAILED, RETRIED, STORE, UNSTORED, BatchReply, WireItem
-from .encoding import bounded_repr, plain
-from .errors import (ItemArgumentsError, ItemDecodeError, ItemFailureStoreError,
-                     ItemResultEncodeError)
-from .outcomes import RetryItem
+from .._internals import trace, worker
+from ..encoding import bounded_repr, plain
+from ..errors import (
+    ItemArgumentsError,
+    ItemDecodeError,
+    ItemFailureStoreError,
+    ItemResultEncodeError,
+)
+from ..protocol import BatchedTaskLike, BatchReply, Outcome, WireItem
+from ..retry import RetryItem
 
-logger = logging.getLogger("celery_batched.execution")
+logger = logging.getLogger("celery_batched.pool.execution")
 
 _accept_cache: dict[int, frozenset[str]] = {}
 
@@ -144,7 +147,7 @@ class ItemOutcomes:
                     failures.append((i, exc))
                     continue
             if stores:
-                codes[i] = STORE
+                codes[i] = Outcome.STORE
                 store_rows.append(k)
                 if embed.get("errbacks"):
                     extras[i] = embed
@@ -182,8 +185,8 @@ class ItemOutcomes:
                          " they go back to the broker", task.name, len(to_store),
                          type(exc).__name__, exc)
             for i, _ in to_store:
-                codes[i], extras[i] = UNSTORED, f"{type(exc).__name__}: {exc}"
-            done = [(i, v) for i, v in done if codes[i] != UNSTORED]
+                codes[i], extras[i] = Outcome.UNSTORED, f"{type(exc).__name__}: {exc}"
+            done = [(i, v) for i, v in done if codes[i] != Outcome.UNSTORED]
         hooks = trace.has_success_hooks(task)
         for i, value in done:
             if i in unencodable:
@@ -193,7 +196,7 @@ class ItemOutcomes:
                     f"{type(cause).__name__}: {cause}. Return a value the result serializer "
                     f"({task.backend.serializer}) can encode.")))
                 continue
-            codes[i] = DONE
+            codes[i] = Outcome.DONE
             if self.want_repr:
                 extras[i] = bounded_repr(value, task.resultrepr_maxsize)
             if hooks:
@@ -224,7 +227,7 @@ class ItemOutcomes:
                     exc = trace.autoretry(task, outcome)
                 if isinstance(exc, Retry):
                     extras[i] = trace.record_retry(task, ctx, exc)
-                    codes[i] = RETRIED
+                    codes[i] = Outcome.RETRIED
                     retried += 1
                     continue
                 einfo = infos.get(id(exc))
@@ -234,21 +237,22 @@ class ItemOutcomes:
                     einfo = self._store_failure(ctx, einfo)
                 except Exception as store_exc:
                     if trace.is_outage(store_exc, task.backend):
-                        codes[i], extras[i] = UNSTORED, f"{type(store_exc).__name__}: {store_exc}"
+                        codes[i] = Outcome.UNSTORED
+                        extras[i] = f"{type(store_exc).__name__}: {store_exc}"
                         continue
                     raise
                 trace.failure_hooks(task, ctx, einfo)
-                codes[i], extras[i] = FAILED, einfo
+                codes[i], extras[i] = Outcome.FAILED, einfo
                 failed[f"{type(exc).__name__}: {exc}"] += 1
                 if exc.__traceback__ is not None:
                     raised = exc
             except Exception as exc:  # sending the retry or recording it failed
                 if trace.is_outage(exc, task.backend):
-                    codes[i], extras[i] = UNSTORED, f"{type(exc).__name__}: {exc}"
+                    codes[i], extras[i] = Outcome.UNSTORED, f"{type(exc).__name__}: {exc}"
                 else:  # a bug, not an outage: fail the item rather than requeue it forever
                     logger.exception("celery_batched: %s[%s]: recording its outcome raised",
                                      task.name, ctx.id)
-                    codes[i], extras[i] = FAILED, trace.exception_info(exc)
+                    codes[i], extras[i] = Outcome.FAILED, trace.exception_info(exc)
             finally:
                 task.request_stack.pop()
         self._log(failed, retried, raised)
@@ -294,7 +298,7 @@ class ItemOutcomes:
 
     def fail_all(self, exc: BaseException, runtime: float) -> BatchReply:
         """The batch broke outside the function: fail every item (or hand it back)."""
-        codes = bytearray([UNSTORED]) * len(self.items)
+        codes = bytearray([Outcome.UNSTORED]) * len(self.items)
         extras: dict[int, Any] = {i: f"{type(exc).__name__}: {exc}" for i in range(len(self.items))}
         if trace.is_outage(exc, self.task.backend):  # say, the STARTED states: all go back
             return BatchReply(bytes(codes), [], extras, runtime, 0.0)
@@ -306,6 +310,6 @@ class ItemOutcomes:
 
 
 def _parent_can_store(task: BatchedTaskLike) -> bool:
-    from ._internals import redis_results
+    from .._internals import redis_results
 
     return (redis_results.can_store(task.backend) and not trace.has_success_hooks(task))

@@ -27,23 +27,34 @@ from __future__ import annotations
 import itertools
 import threading
 from collections.abc import Callable, Hashable
+from enum import StrEnum
 from typing import Any, Protocol
 
+from ..spec import BatchSpec
 from .latency import LatencyModel
 from .prefetch import TaskCredit
-from .spec import BatchSpec
 
-#: Why a batch was flushed (logs, stats).
-SIZE, WAIT, SLOT_FREE = "size", "wait_ms", "slot free"
-COST, KEY_LIMIT, LATENCY, INVALID = "max_batch_cost", "max_open_keys", "latency target", "invalid item"
-RECONFIGURED = "reconfigured"
+
+class FlushReason(StrEnum):
+    """Why a batch left the buffer (logs, ``batching_stats``, metrics, item events)."""
+
+    SIZE = "size"
+    WAIT = "wait_ms"
+    SLOT_FREE = "slot free"
+    COST = "max_batch_cost"
+    KEY_LIMIT = "max_open_keys"
+    LATENCY = "latency target"
+    #: An item that could not join a batch (its key or cost raised): alone, and not run.
+    INVALID = "invalid item"
+    RECONFIGURED = "reconfigured"
+
 
 
 class TimerLike(Protocol):
     def call_after(self, secs: float, fun: Callable[..., Any], args: tuple[Any, ...] = ...) -> Any: ...
 
 
-Flush = Callable[[list[Any], TaskCredit, str], None]
+Flush = Callable[[list[Any], TaskCredit, FlushReason], None]
 
 _generations = itertools.count(1)
 
@@ -91,24 +102,24 @@ class BatchBuffer:
 
     def put(self, item: Any, key: Hashable = None, cost: float = 0.0) -> None:
         self.credit.hold()
-        flushes: list[tuple[list[Any], str]] = []
+        flushes: list[tuple[list[Any], FlushReason]] = []
         with self._lock:
             batch = self._open.get(key)
             if batch is None:
                 if len(self._open) >= self._max_keys:
-                    flushes.append((self._take(next(iter(self._open))), KEY_LIMIT))
+                    flushes.append((self._take(next(iter(self._open))), FlushReason.KEY_LIMIT))
                 batch = self._open[key] = _Open(item.buffered_at)
             elif self._max_cost is not None and batch.cost + cost > self._max_cost:
-                flushes.append((self._take(key), COST))
+                flushes.append((self._take(key), FlushReason.COST))
                 batch = self._open[key] = _Open(item.buffered_at)
             batch.items.append(item)
             batch.cost += cost
             self._count += 1
             n = len(batch.items)
             if n >= self._max_size:
-                flushes.append((self._take(key), SIZE))
+                flushes.append((self._take(key), FlushReason.SIZE))
             elif self._max_cost is not None and batch.cost >= self._max_cost:
-                flushes.append((self._take(key), COST))
+                flushes.append((self._take(key), FlushReason.COST))
             elif self.latency is not None:
                 self._plan(key, batch, item.buffered_at, flushes)
             elif n == 1:
@@ -121,10 +132,10 @@ class BatchBuffer:
         """An item that can't join a batch (its key or cost could not be computed): a batch of
         its own, now. The function is not called for it."""
         self.credit.hold()
-        self._flush([item], self.credit, INVALID)
+        self._flush([item], self.credit, FlushReason.INVALID)
 
     def _plan(self, key: Hashable, batch: _Open, now: float,
-              flushes: list[tuple[list[Any], str]]) -> None:
+              flushes: list[tuple[list[Any], FlushReason]]) -> None:
         """``max_latency_ms``: flush now, or (re)arm the timer for the batch's deadline."""
         latency = self.latency
         assert latency is not None
@@ -134,7 +145,7 @@ class BatchBuffer:
             if self._pool_busy():
                 batch.due = True
             else:
-                flushes.append((self._take(key), LATENCY))
+                flushes.append((self._take(key), FlushReason.LATENCY))
             return
         if batch.timer is None or deadline < batch.deadline - 0.001:
             if batch.timer is not None:
@@ -164,7 +175,7 @@ class BatchBuffer:
                 flushes.append(self._take(next(iter(self._open))))
         self.credit.resize(spec.max_batch_size)
         for items in flushes:
-            self._flush(items, self.credit, RECONFIGURED)
+            self._flush(items, self.credit, FlushReason.RECONFIGURED)
 
     def take_all(self) -> list[Any]:
         """Empty the buffer without flushing (the worker is stopping or lost its connection)."""
@@ -183,7 +194,7 @@ class BatchBuffer:
                 if key is _NONE or self._pool_busy():
                     return
                 items = self._take(key)
-            self._flush(items, self.credit, SLOT_FREE)
+            self._flush(items, self.credit, FlushReason.SLOT_FREE)
 
     def _on_timer(self, key: Hashable, generation: int) -> None:
         with self._lock:
@@ -195,7 +206,8 @@ class BatchBuffer:
                 batch.due = True
                 return
             items = self._take(key)
-        self._flush(items, self.credit, WAIT if self.latency is None else LATENCY)
+        reason = FlushReason.WAIT if self.latency is None else FlushReason.LATENCY
+        self._flush(items, self.credit, reason)
 
     def _take(self, key: Hashable) -> list[Any]:
         batch = self._open.pop(key)

@@ -3,8 +3,8 @@
 Celery calls a task's *strategy* for every message of that task. Celery's default strategy
 (``celery.worker.strategy.default``) decodes the body and builds a ``Request`` per message; for a
 batched task that was a third of the consumer's time. This one puts each protocol-2 message into
-the buffer as an :class:`~celery_batched.items.Item` -- headers and the still-encoded body -- and
-keeps what users see: the revoke and expiry checks, the ``task_received`` signal, the
+the buffer as an :class:`~celery_batched.worker.item.Item` -- headers and the still-encoded body
+-- and keeps what users see: the revoke and expiry checks, the ``task_received`` signal, the
 ``task-received`` event, the accept-content check, ETA handling. A ``Request`` is built only for
 ETA items, legacy (protocol 1) messages and ``task_received`` receivers, which expect one.
 Rate limits (token buckets per message) are refused for batched tasks: see ``bootstep.py``.
@@ -28,9 +28,9 @@ from celery.worker.strategy import hybrid_to_proto2, proto1_to_proto2
 from kombu.asynchronous.timer import to_timestamp
 from kombu.exceptions import ContentDisallowed, DecodeError
 
-from ._internals import trace, worker
-from .errors import BatchingNotInstalledError, ItemPolicyError
-from .items import Item, ItemSource
+from .._internals import trace, worker
+from ..errors import BatchingNotInstalledError, ItemPolicyError
+from .item import Item, ItemSource
 
 logger = get_logger(__name__)
 

@@ -10,7 +10,12 @@ from __future__ import annotations
 
 from collections import Counter, deque
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from ...observers import BatchObserver
+
+if TYPE_CHECKING:
+    from ..batch import Batch
 
 #: Batches (and, for waits, items) the percentiles are computed over.
 WINDOW = 1024
@@ -26,7 +31,7 @@ class TaskRecord:
         self.recent_waits_ms: deque[float] = deque(maxlen=4 * WINDOW)
         self.recent_exec_ms: deque[float] = deque(maxlen=WINDOW)
 
-    def flushed(self, batch: Any) -> None:
+    def flushed(self, batch: Batch) -> None:
         n = len(batch.items)
         self.sizes[n] += 1
         self.reasons[batch.reason] += 1
@@ -65,3 +70,19 @@ def percentiles(values: Sequence[float]) -> dict[str, float] | None:
         return round(ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo), 3)
 
     return {"p50": at(0.5), "p99": at(0.99), "max": round(ordered[-1], 3)}
+
+
+class TaskRecords(BatchObserver):
+    """Every batched task's ``TaskRecord`` on this worker, kept up to date as a batch observer."""
+
+    def __init__(self) -> None:
+        self.by_task: dict[str, TaskRecord] = {}
+
+    def flushed(self, batch: Batch) -> None:
+        record = self.by_task.get(batch.task.name)
+        if record is None:
+            record = self.by_task[batch.task.name] = TaskRecord()
+        record.flushed(batch)
+
+    def executed(self, batch: Batch, runtime_s: float) -> None:
+        self.by_task[batch.task.name].executed(runtime_s)

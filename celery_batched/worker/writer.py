@@ -1,11 +1,12 @@
 """Results, stored while the next batch runs: a writer thread in the worker's main process.
 
-The pool returns a batch's successful values (``STORE`` items) as soon as the function returns,
+The pool returns a batch's successful values (``Outcome.STORE`` items) as soon as the function
+returns,
 and is free for the next batch; this thread encodes the batch's metas at once (``encoding.py``)
 and stores them in one round trip (``redis_results.py``), then hands the batch to the consumer's
 thread for the acknowledgements (``completion.py``). Acks only ever follow a stored result:
 an item whose result could not be stored -- the backend stayed unreachable past its retry
-policy -- is handed back to the broker (``UNSTORED``) and runs again later.
+policy -- is handed back to the broker (``Outcome.UNSTORED``) and runs again later.
 """
 
 from __future__ import annotations
@@ -14,32 +15,37 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ._in_flight import InFlight
-from ._internals import redis_results, trace
-from ._wire import STORE, BatchReply
-from .encoding import MetaEncoder, bounded_repr, plain
-from .errors import ItemResultEncodeError
+from .._internals import redis_results, trace
+from ..encoding import MetaEncoder, bounded_repr, plain
+from ..errors import ItemResultEncodeError
+from ..protocol import BatchReply, Outcome
+from .in_flight import InFlight
+
+if TYPE_CHECKING:
+    from .batch import Batch
 
 logger = logging.getLogger(__name__)
 
-#: Per STORE item: ("stored", repr or None) | ("failed", ExceptionInfo) | ("unstored", reason).
-Written = list[tuple[str, Any]]
+#: Per ``Outcome.STORE`` item, what became of it: ``(DONE, repr or None)``, ``(FAILED,
+#: ExceptionInfo)`` or ``(UNSTORED, reason)``.
+Written = list[tuple[Outcome, Any]]
 
 
 class ResultWriter:
     """One thread that stores the batches' successes, in the order they finished."""
 
-    def __init__(self, on_written: Callable[[Any, BatchReply, Written], None]) -> None:
-        self._on_written = on_written
+    def __init__(self) -> None:
+        #: Where each stored batch goes (the dispatcher, which is built with this writer).
+        self.on_written: Callable[[Any, BatchReply, Written], None] = _unwired
         self._queue: queue.SimpleQueue[tuple[Any, BatchReply] | None] = queue.SimpleQueue()
         self._in_flight = InFlight()
         self._encoders: dict[int, MetaEncoder] = {}
         self._thread = threading.Thread(target=self._run, name="celery-batched-writer", daemon=True)
         self._thread.start()
 
-    def submit(self, batch: Any, reply: BatchReply) -> None:
+    def submit(self, batch: Batch, reply: BatchReply) -> None:
         self._in_flight.started()
         self._queue.put((batch, reply))
 
@@ -64,17 +70,18 @@ class ResultWriter:
                 written = self.write(batch, reply)
             except Exception as exc:  # never lose the batch: hand it back rather than ack it
                 logger.exception("celery_batched: writing batch %s failed", batch.id)
-                written = [("unstored", f"{type(exc).__name__}: {exc}")] * reply.codes.count(STORE)
+                written = [(Outcome.UNSTORED, f"{type(exc).__name__}: {exc}")] * \
+                    reply.codes.count(Outcome.STORE)
             try:
-                self._on_written(batch, reply, written)
+                self.on_written(batch, reply, written)
             finally:
                 self._in_flight.finished()
 
-    def write(self, batch: Any, reply: BatchReply) -> Written:
-        """Encode and store the batch's STORE items; what became of each."""
+    def write(self, batch: Batch, reply: BatchReply) -> Written:
+        """Encode and store the batch's ``STORE`` items; what became of each."""
         task = batch.task
         backend = task.backend  # this thread's own backend instance (Celery's are thread-local)
-        index = [i for i, code in enumerate(reply.codes) if code == STORE]
+        index = [i for i, code in enumerate(reply.codes) if code == Outcome.STORE]
         items = [batch.items[i] for i in index]
         values = reply.values
         encoder = self._encoders.get(id(backend))
@@ -84,7 +91,7 @@ class ResultWriter:
         metas = encoder.encode([it.id for it in items], [it.headers for it in items], values,
                                backend.app.now().isoformat(), bad.__setitem__)
         keep = [k for k in range(len(items)) if k not in bad]
-        written: Written = [("stored", None)] * len(items)
+        written: Written = [(Outcome.DONE, None)] * len(items)
         try:
             redis_results.store(backend, [items[k].id for k in keep], [metas[k] for k in keep])
         except Exception as exc:
@@ -102,28 +109,29 @@ class ResultWriter:
                              "not be stored (%s: %s); they go back to the broker and run again",
                              batch.id, task.name, len(keep), type(exc).__name__, exc)
                 # The unencodable ones too: their failures can't be stored now either.
-                return [("unstored", f"{type(exc).__name__}: {exc}")] * len(items)
+                return [(Outcome.UNSTORED, f"{type(exc).__name__}: {exc}")] * len(items)
         if batch.want_repr:
             maxsize = task.resultrepr_maxsize
             for k in keep:
-                if written[k][0] == "stored":
-                    written[k] = ("stored", bounded_repr(plain(values[k]), maxsize))
+                if written[k][0] == Outcome.DONE:
+                    written[k] = (Outcome.DONE, bounded_repr(plain(values[k]), maxsize))
         for k, cause in bad.items():
             written[k] = self._fail_unencodable(task, items[k], reply.extras.get(index[k]), cause)
         return written
 
-    def _store_one(self, task: Any, item: Any, value: Any, embed: Any) -> tuple[str, Any]:
+    def _store_one(self, task: Any, item: Any, value: Any, embed: Any) -> tuple[Outcome, Any]:
         ctx = trace.make_context(item.headers, (), {}, embed, (None,) * 6, None)
         try:
             trace.write_retried(task.backend, task.backend.store_result, item.id, value,
                                 "SUCCESS", request=ctx)
         except Exception as exc:
             if trace.is_outage(exc, task.backend):
-                return ("unstored", f"{type(exc).__name__}: {exc}")
+                return (Outcome.UNSTORED, f"{type(exc).__name__}: {exc}")
             return self._fail_unencodable(task, item, embed, exc)
-        return ("stored", None)
+        return (Outcome.DONE, None)
 
-    def _fail_unencodable(self, task: Any, item: Any, embed: Any, cause: BaseException) -> tuple[str, Any]:
+    def _fail_unencodable(self, task: Any, item: Any, embed: Any,
+                          cause: BaseException) -> tuple[Outcome, Any]:
         """A result the serializer can't encode fails its item alone (errbacks included)."""
         exc = ItemResultEncodeError(
             f"{task.name}: the result for this item could not be stored: "
@@ -138,6 +146,10 @@ class ResultWriter:
             if not trace.is_outage(store_exc, task.backend):
                 logger.exception("celery_batched: %s[%s]: storing its failure raised",
                                  task.name, item.id)
-            return ("unstored", f"{type(store_exc).__name__}: {store_exc}")
+            return (Outcome.UNSTORED, f"{type(store_exc).__name__}: {store_exc}")
         trace.failure_hooks(task, ctx, einfo)
-        return ("failed", einfo)
+        return (Outcome.FAILED, einfo)
+
+
+def _unwired(batch: Batch, reply: BatchReply, written: Written) -> None:
+    raise RuntimeError("ResultWriter.on_written was never set")

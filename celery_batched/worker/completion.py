@@ -11,15 +11,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celery.utils.log import get_logger
 
-from ._internals import trace, worker
-from ._internals.events import BatchEventer
-from ._internals.kombu_redis import ack_many
-from ._wire import DONE, FAILED, RETRIED, STORE, UNSTORED, BatchReply
+from .._internals import trace, worker
+from .._internals.events import BatchEventer
+from .._internals.kombu_redis import ack_many
+from ..observers import BatchOutcome, Observers
+from ..protocol import BatchReply, Outcome
 from .writer import Written
+
+if TYPE_CHECKING:
+    from .batch import Batch
 
 logger = get_logger("celery_batched.batches")
 
@@ -27,16 +31,15 @@ logger = get_logger("celery_batched.batches")
 class Completion:
     """What the consumer does when a batch starts, finishes, fails or times out."""
 
-    def __init__(self, consumer: Any, ack: Callable[..., None], metrics: Any = None) -> None:
+    def __init__(self, consumer: Any, ack: Callable[..., None], observers: Observers) -> None:
         self.consumer = consumer
         self._ack = ack  # ConsumerThread.call_ack
-        #: ``metrics.BatchMetrics`` when ``batching_metrics_port`` is set.
-        self.metrics = metrics
+        self.observers = observers
 
     def _events_on(self, task: Any) -> bool:
         return worker.task_events_on(self.consumer.event_dispatcher, task)
 
-    def accepted(self, batch: Any, pid: int, time_accepted: float) -> None:
+    def accepted(self, batch: Batch, pid: int, time_accepted: float) -> None:
         """The pool started the batch: ``task-started`` per item, early acks."""
         items = batch.items
         for item in items:
@@ -49,7 +52,7 @@ class Completion:
             for item in items:
                 send("task-started", uuid=item.id, **batch_fields(batch, item))
 
-    def finished(self, batch: Any, reply: BatchReply, written: Written | None) -> None:
+    def finished(self, batch: Batch, reply: BatchReply, written: Written | None) -> None:
         """Every item's outcome is recorded (or could not be): acknowledge, report, release."""
         task, items = batch.task, batch.items
         acks_late = task.acks_late
@@ -61,24 +64,24 @@ class Completion:
         # it is the time the batch took, not n times that. The whole is ``batch_runtime``.
         share = reply.runtime / len(items)
         written_iter = iter(written or ())
-        for i, code in enumerate(reply.codes):
+        for i, code in enumerate(reply.codes):  # ints, compared with the IntEnum's values
             item = items[i]
             extra = reply.extras.get(i)
-            if code == STORE:
+            if code == Outcome.STORE:
                 status, extra = next(written_iter)
-                code = {"stored": DONE, "failed": FAILED, "unstored": UNSTORED}[status]
-            if code == DONE:
+                code = int(status)
+            if code == Outcome.DONE:
                 done.append(item)
                 if send is not None:
                     send("task-succeeded", uuid=item.id, result=extra, runtime=share,
                          batch_runtime=round(reply.runtime, 6), **batch_fields(batch, item))
-            elif code in (FAILED, RETRIED):
+            elif code in (Outcome.FAILED, Outcome.RETRIED):
                 if self._handle(batch, item, events, "on_success", ((1, extra, share),),
                                 stored=True):
                     handed_back += 1
                 else:
-                    failed += code == FAILED
-            elif code == UNSTORED:
+                    failed += code == Outcome.FAILED
+            elif code == Outcome.UNSTORED:
                 if acks_late:
                     handed_back += 1
                     self._hand_back(item)
@@ -100,27 +103,26 @@ class Completion:
                          "default) to have them run again instead. Items: %s", batch.id,
                          task.name, lost, _ids(items, reply.codes, written))
         self._log(batch, reply, len(done))
-        if self.metrics is not None:
-            self.metrics.finished(batch, reply.runtime, len(done), failed,
-                                  len(items) - len(done) - failed - handed_back - lost,
-                                  handed_back + lost)
+        self.observers.finished(batch, BatchOutcome(
+            len(done), failed, len(items) - len(done) - failed - handed_back - lost,
+            handed_back + lost, reply.runtime))
         batch.credit.release(len(items))
 
-    def failed(self, batch: Any, exc_info: Any) -> None:
+    def failed(self, batch: Batch, exc_info: Any) -> None:
         """The pool lost the job (worker lost, terminated, hard time limit): Celery's handling,
         except that no item is acknowledged before its failure is stored."""
         events = self._events_on(batch.task)
         handed_back = sum(self._handle(batch, item, events, "on_failure", (exc_info,))
                           for item in batch.items)
-        if self.metrics is not None:
-            self.metrics.finished(batch, None, 0, len(batch.items) - handed_back, 0, handed_back)
+        self.observers.finished(batch, BatchOutcome(
+            0, len(batch.items) - handed_back, 0, handed_back, None))
         logger.error("celery_batched: batch %s of %d %s failed in the pool: %r%s", batch.id,
                      len(batch.items), batch.task.name, getattr(exc_info, "exception", exc_info),
                      f"; {handed_back} item(s) handed back to the broker: their failure could "
                      f"not be stored" if handed_back else "")
         batch.credit.release(len(batch.items))
 
-    def timed_out(self, batch: Any, soft: bool, timeout: float) -> None:
+    def timed_out(self, batch: Batch, soft: bool, timeout: float) -> None:
         if soft:
             logger.warning("celery_batched: batch %s of %d %s: soft time limit (%ss) exceeded",
                            batch.id, len(batch.items), batch.task.name, timeout)
@@ -129,7 +131,7 @@ class Completion:
         for item in batch.items:
             self._handle(batch, item, events, "on_timeout", (soft, timeout))
 
-    def _handle(self, batch: Any, item: Any, events: bool, handler: str, args: tuple[Any, ...],
+    def _handle(self, batch: Batch, item: Any, events: bool, handler: str, args: tuple[Any, ...],
                 stored: bool = False) -> bool:
         """Celery's ``Request.<handler>(*args)`` for one item, its acknowledgement held until
         the handler returned; True if the item went back to the broker instead.
@@ -171,14 +173,14 @@ class Completion:
         worker.task_ready(item)
 
     @staticmethod
-    def _request(batch: Any, item: Any, events: bool) -> Any:
+    def _request(batch: Batch, item: Any, events: bool) -> Any:
         """The item's Celery ``Request``, whose own events carry the batch fields."""
         req = item.request()
         if events and not isinstance(req._eventer, BatchEventer):
             req._eventer = BatchEventer(req._eventer, batch_fields(batch, item))
         return req
 
-    def _log(self, batch: Any, reply: BatchReply, succeeded: int) -> None:
+    def _log(self, batch: Batch, reply: BatchReply, succeeded: int) -> None:
         if logger.isEnabledFor(logging.INFO):
             # One line per batch, never payloads (Celery's per-task success line logs the result).
             n = len(batch.items)
@@ -197,13 +199,13 @@ def _exception_text(einfo: Any) -> str:
 
 
 def _ids(items: Any, codes: bytes, written: Written | None) -> str:
-    """The ids of a batch's UNSTORED items, at most ten."""
+    """The ids of a batch's ``UNSTORED`` items, at most ten."""
     statuses = iter(written or ())
     ids = []
     for item, code in zip(items, codes):
-        if code == STORE:
-            code = UNSTORED if next(statuses)[0] == "unstored" else DONE
-        if code == UNSTORED:
+        if code == Outcome.STORE:
+            code = int(next(statuses)[0])
+        if code == Outcome.UNSTORED:
             ids.append(item.id)
     return " ".join(ids[:10]) + (f" and {len(ids) - 10} more" if len(ids) > 10 else "")
 
@@ -217,7 +219,7 @@ def _guard(handler: Callable[..., Any], *args: Any) -> None:
 
 
 
-def batch_fields(batch: Any, item: Any) -> dict[str, Any]:
+def batch_fields(batch: Batch, item: Any) -> dict[str, Any]:
     """Which batch an item ran in, for its events (``_internals.events.BATCH_FIELDS``)."""
     return {"batch_id": batch.id, "batch_size": len(batch.items), "flush_reason": batch.reason,
             "buffer_wait_ms": round((batch.flushed_at - item.buffered_at) * 1000.0, 1)}

@@ -13,7 +13,7 @@ from typing import Any
 from kombu.exceptions import EncodeError, SerializerNotInstalled
 from kombu.serialization import dumps
 
-from .errors import WorkerConfigurationError
+from ..errors import WorkerConfigurationError
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,51 @@
+"""A flushed batch: what the worker knows of it from the flush to its last acknowledgement.
+
+A leaf of the worker path (the dispatcher, the writer, completion and the observers all read
+it), so that each of them can name its type without importing the others.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from .buffer import FlushReason
+from .prefetch import TaskCredit
+
+_batch_ids = itertools.count(1)
+_id_prefix = uuid.uuid4().hex[:6]
+
+
+class Batch:
+    """One flushed batch, from the flush to its last ack."""
+
+    __slots__ = ("id", "task", "items", "credit", "reason", "first_buffered_at", "flushed_at",
+                 "want_repr", "preset_errors", "_waits")
+
+    def __init__(self, task: Any, items: Sequence[Any], credit: TaskCredit, reason: FlushReason,
+                 want_repr: bool) -> None:
+        self.id = f"{_id_prefix}-{next(_batch_ids)}"
+        self.task = task
+        self.items = items
+        self.credit = credit
+        self.reason = reason
+        self.first_buffered_at = min(it.buffered_at for it in items)
+        self.flushed_at = time.monotonic()
+        self.want_repr = want_repr
+        #: Items that fail without running (their ``batch_key``/``batch_cost`` raised), by
+        #: index; None for a batch of items that all run.
+        self.preset_errors: dict[int, BaseException] | None = None
+        if reason is FlushReason.INVALID:
+            self.preset_errors = {i: it.error for i, it in enumerate(items)
+                                  if it.error is not None} or None
+        self._waits: list[float] | None = None
+
+    def waits(self) -> list[float]:
+        """Seconds each item waited in the buffer, in item order (computed once)."""
+        if self._waits is None:
+            flushed_at = self.flushed_at
+            self._waits = [flushed_at - it.buffered_at for it in self.items]
+        return self._waits
