@@ -228,12 +228,55 @@ def _exc_name(kind: Any) -> str:
     return f"{kind.__module__}.{kind.__qualname__}".removeprefix("builtins.")
 
 
+@dataclass(frozen=True)
+class Option:
+    """One batching option of a task: its default, what it means, and -- where a running worker
+    may change it (``configure_batching``) -- the definition-time check the new value takes."""
+
+    name: str
+    default: Any
+    meaning: str
+    #: The check ``BatchSpec.reconfigured`` runs; None: fixed when the task is defined.
+    runtime_check: Callable[[Any, str], Any] | None = None
+    #: The default as the README shows it, where its repr doesn't say it.
+    default_text: str | None = None
+
+
+#: Every batching option: what ``BatchedTask`` declares, what ``configure_batching`` may change
+#: (and its command-line signature), and the README's options table all read this one table.
+OPTIONS: Final[tuple[Option, ...]] = (
+    Option("max_batch_size", DEFAULT_MAX_BATCH_SIZE, "most items per call (int ≥ 1)",
+           check_max_batch_size),
+    Option("wait_ms", DEFAULT_WAIT_MS, "longest wait, from the **first** buffered item, before a "
+           "partial batch runs (≥ 0; 0 = flush on the next event-loop turn)", check_wait_ms),
+    Option("isolate_failures", False, "when the whole call raises, re-run the batch split in "
+           "halves until the failing items are alone (see below)"),
+    Option("batch_key", None, "items with different keys never share a batch: a parameter's "
+           "name, or a function of one item's arguments ([Batching policies](#batching-policies))"),
+    Option("max_open_keys", DEFAULT_MAX_OPEN_KEYS, "most keys with items waiting at once; a new "
+           "key beyond it flushes the batch that waited longest", check_max_open_keys),
+    Option("batch_cost", None, "a function of one item's arguments giving its cost (say, "
+           "tokens), with `max_batch_cost`"),
+    Option("max_batch_cost", None, "a batch's total cost stays ≤ this; an item costing more runs "
+           "alone", lambda value, name: check_cost_bound(True, value, name)),
+    Option("max_latency_ms", None, "a latency target for wait + execution, instead of `wait_ms` "
+           "(set one, not both)", lambda value, name: check_max_latency_ms(value, False, name)),
+    Option("oom_errors", DEFAULT_OOM_ERRORS, "on these the batch is split in halves and re-run, "
+           "down to single items; `()` never splits",
+           default_text="`MemoryError`, `torch.cuda.OutOfMemoryError`"),
+)
+DEFAULTS: Final[dict[str, Any]] = {o.name: o.default for o in OPTIONS}
 #: What ``BatchSpec.reconfigured`` (remote control: ``configure_batching``) may change, and the
 #: definition-time check of each.
 RECONFIGURABLE: Final[dict[str, Callable[[Any, str], Any]]] = {
-    "max_batch_size": check_max_batch_size,
-    "wait_ms": check_wait_ms,
-    "max_latency_ms": lambda value, name: check_max_latency_ms(value, False, name),
-    "max_batch_cost": lambda value, name: check_cost_bound(True, value, name),
-    "max_open_keys": check_max_open_keys,
-}
+    o.name: o.runtime_check for o in OPTIONS if o.runtime_check is not None}
+
+
+def options_table() -> str:
+    """The README's options table (``tests/test_behaviour.py`` checks the README holds it)."""
+    rows = ["| option | default | on a running worker | meaning |", "|---|---|---|---|"]
+    for o in OPTIONS:
+        default = o.default_text or f"`{o.default!r}`"
+        changeable = "`configure_batching`" if o.runtime_check is not None else "—"
+        rows.append(f"| `{o.name}` | {default} | {changeable} | {o.meaning} |")
+    return "\n".join(rows)

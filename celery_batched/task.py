@@ -11,10 +11,9 @@ from celery import Celery, Task
 from ._internals.trace import autoretry
 from .client.submit import ItemResults, starmap_items
 from .encoding import plain
-from .policies import DEFAULT_MAX_OPEN_KEYS, DEFAULT_OOM_ERRORS
 from .pool.execution import call_batch
 from .retry import RetryItem
-from .spec import DEFAULT_MAX_BATCH_SIZE, DEFAULT_WAIT_MS, BatchSpec
+from .spec import DEFAULTS, BatchSpec
 from .worker.bootstep import BatchingStep
 
 
@@ -28,28 +27,29 @@ class BatchedTask(Task):
 
     Class-based tasks subclass this, implement ``run(self, xs, ...)`` over lists and may
     override :meth:`setup`, which runs once per worker process before its first batch.
+    The batching options' defaults, meanings and checks are ``spec.OPTIONS``.
     """
 
     #: Most items in one call of the function (>= 1).
-    max_batch_size: ClassVar[int] = DEFAULT_MAX_BATCH_SIZE
+    max_batch_size: ClassVar[int] = DEFAULTS["max_batch_size"]
     #: Longest wait, in milliseconds, from the first buffered item to the call (>= 0).
-    wait_ms: ClassVar[float] = DEFAULT_WAIT_MS
+    wait_ms: ClassVar[float] = DEFAULTS["wait_ms"]
     #: When the whole call raises, re-run the batch split in halves to isolate the failing items.
-    isolate_failures: ClassVar[bool] = False
+    isolate_failures: ClassVar[bool] = DEFAULTS["isolate_failures"]
     #: Items with different keys never share a batch: a parameter's name, or a function called
     #: with one item's arguments (e.g. ``lambda text: min(len(text) // 64, 7)``).
-    batch_key: ClassVar[Any] = None
+    batch_key: ClassVar[Any] = DEFAULTS["batch_key"]
     #: At most this many keys have items waiting; a new key flushes the oldest waiting batch.
-    max_open_keys: ClassVar[int] = DEFAULT_MAX_OPEN_KEYS
+    max_open_keys: ClassVar[int] = DEFAULTS["max_open_keys"]
     #: A function of one item's arguments giving its cost (say, its tokens) ...
-    batch_cost: ClassVar[Any] = None
+    batch_cost: ClassVar[Any] = DEFAULTS["batch_cost"]
     #: ... and the most a batch may cost in total; an item costing more runs alone.
-    max_batch_cost: ClassVar[float | None] = None
+    max_batch_cost: ClassVar[float | None] = DEFAULTS["max_batch_cost"]
     #: A latency target (ms) for wait + execution, instead of a fixed ``wait_ms``.
-    max_latency_ms: ClassVar[float | None] = None
+    max_latency_ms: ClassVar[float | None] = DEFAULTS["max_latency_ms"]
     #: Exceptions on which the batch is split in halves and re-run, down to single items (the
     #: default: ``MemoryError`` and ``torch.cuda.OutOfMemoryError``); ``()`` never splits.
-    oom_errors: ClassVar[Any] = DEFAULT_OOM_ERRORS
+    oom_errors: ClassVar[Any] = DEFAULTS["oom_errors"]
     #: Messages are acknowledged after their results are stored: at-least-once delivery.
     acks_late = True
 

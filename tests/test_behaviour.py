@@ -22,8 +22,14 @@ import pytest
 from celery import Celery, states
 from celery.exceptions import MaxRetriesExceededError, TaskRevokedError
 
-from celery_batched import (BatchedTask, BatchedTaskDefinitionError, BatchedTaskOptionError,
-                            BatchSetupError, ItemArgumentsError, batching_stats)
+from celery_batched import (
+    BatchedTask,
+    BatchedTaskDefinitionError,
+    BatchedTaskOptionError,
+    BatchSetupError,
+    ItemArgumentsError,
+    batching_stats,
+)
 
 from .apps import behaviour
 from .workers import ROOT, captured_events, exits_before_ready, wait_for
@@ -448,3 +454,22 @@ def test_acks_run_on_the_consumer_thread_with_a_threads_pool(redis_client, queue
     assert set(threads) == {"MainThread"}, Counter(records)
     # Every message went through a recorded path: the test saw all 200 acks, not a few.
     assert sum(1 for r in records if r.startswith("QoS.ack:")) >= 200, Counter(records)
+
+
+def test_one_options_table_feeds_the_task_the_control_command_and_the_readme():
+    """``spec.OPTIONS`` is the one table: BatchedTask's defaults, what configure_batching may
+    change (and its command-line signature), and the README's options table."""
+    from celery.worker.control import Panel
+
+    from celery_batched import BatchedTask
+    from celery_batched.spec import OPTIONS, RECONFIGURABLE, options_table
+
+    for option in OPTIONS:
+        assert getattr(BatchedTask, option.name) == option.default, option.name
+    signature = Panel.meta["configure_batching"].signature
+    assert signature.endswith("(" + ", ".join(RECONFIGURABLE) + ")"), signature
+    readme = (ROOT / "README.md").read_text()
+    begin, end = "<!-- options:begin", "<!-- options:end -->"
+    shown = readme[readme.index(begin):readme.index(end)]
+    assert shown.split("\n", 1)[1].strip() == options_table(), \
+        "README.md's options table is not celery_batched/spec.py's OPTIONS"

@@ -20,6 +20,7 @@ from typing import Any
 from celery.worker.control import Panel, control_command, inspect_command
 
 from ..errors import BatchedTaskOptionError
+from ..spec import RECONFIGURABLE
 
 
 def _batching(state: Any) -> Any:
@@ -46,8 +47,7 @@ def batching_config(state: Any, **kwargs: Any) -> dict[str, Any]:
 @control_command(
     args=[("task_name", str)],
     variadic="settings",
-    signature="<task_name> <option=value> [option=value ...] (max_batch_size, wait_ms, "
-              "max_latency_ms, max_batch_cost, max_open_keys)",
+    signature=f"<task_name> <option=value> [option=value ...] ({', '.join(RECONFIGURABLE)})",
 )
 def configure_batching(state: Any, task_name: str, settings: Any = None,
                        **kwargs: Any) -> dict[str, Any]:
