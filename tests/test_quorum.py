@@ -17,6 +17,7 @@ from celery import Celery
 
 from celery_batched.client.submit import ItemResults
 
+from .apps._common import batch_sizes
 from .apps.quorum import quorum_queue
 from .conftest import REDIS_URL
 from .servers import RabbitVhost
@@ -75,7 +76,7 @@ def test_batches_fill_on_a_quorum_queue(multiplier, base, vhost, queue, redis_cl
         while redis_client.hlen("runs") < N and time.monotonic() < deadline:
             unacked.append(vhost.unacked(queue))  # ~1 s per call
         consumers, channels = consumer_prefetch(vhost, queue), channel_prefetch(vhost) - {0}
-        sizes = [int(s) for s in redis_client.lrange("batches", 0, -1)]
+        sizes = batch_sizes(redis_client)
         done = redis_client.hlen("runs")
         mean = sum(sizes) / max(1, len(sizes))
         summary = (f"{done} of {N} drained, {len(sizes)} batches, mean {mean:.1f}, "

@@ -14,6 +14,7 @@ from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded, WorkerLo
 from kombu import Connection
 
 from . import report
+from .apps._common import batch_sizes
 from .conftest import AMQP_URL, REDIS_URL
 from celery_batched.client.submit import ItemResults
 
@@ -56,10 +57,6 @@ def _kombu_version() -> tuple[int, int]:
 
 def runs(redis_client) -> dict[int, int]:
     return {int(k): int(v) for k, v in redis_client.hgetall("runs").items()}
-
-
-def batch_sizes(redis_client) -> list[int]:
-    return [int(x.split(b":")[1]) for x in redis_client.lrange("batches", 0, -1)]
 
 
 def test_kill_9_mid_run_loses_nothing(broker, queue, redis_client, start_worker):

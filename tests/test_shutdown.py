@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import pytest
 from celery import Celery
 
+from .apps._common import batch_sizes
 from .conftest import REDIS_URL
 from .servers import RabbitVhost
 from .workers import wait_for
@@ -96,7 +97,7 @@ def test_warm_shutdown_mid_batch_runs_nothing_twice(pool, concurrency, broker, q
                  what="the buffered items handed back")
     redis_client.set("release", 1)  # now let the running batch finish
     assert worker.proc.wait(30) == 0
-    assert [int(n) for n in redis_client.lrange("batches", 0, -1)] == [SIZE] * concurrency
+    assert batch_sizes(redis_client) == [SIZE] * concurrency
     left = depth(broker, redis_client, queue)  # what goes to the next worker
 
     start_worker(APP, queues=queue, pool=pool, concurrency=concurrency, env=broker.env)
@@ -106,4 +107,4 @@ def test_warm_shutdown_mid_batch_runs_nothing_twice(pool, concurrency, broker, q
         f"ran twice (the running batch was not acknowledged; {left} message(s) were left)"
     assert sorted(counts) == list(range(running + EXTRA))
     assert left == EXTRA  # the running batch was acknowledged before the connection closed
-    assert sum(int(n) for n in redis_client.lrange("batches", 0, -1)) == running + EXTRA
+    assert sum(batch_sizes(redis_client)) == running + EXTRA

@@ -121,6 +121,13 @@ def _publish_once(publish: Callable[..., Any], *args: Any, **kwargs: Any) -> Any
     return publish(*args, **kwargs)
 
 
+def undecorated_run(task: Any) -> Any:
+    """The task's own function: Celery's autoretry wraps ``run`` as a whole and keeps the
+    original as ``_orig_run`` (``celery.app.autoretry.add_autoretry_behaviour``, Celery
+    5.6-5.7); batched items retry one by one (``autoretry`` below)."""
+    return task.__dict__.get("_orig_run") or task.run
+
+
 def autoretry(task: Any, exc: BaseException) -> BaseException:
     """Apply the task's ``autoretry_for`` policy to one item's exception.
 
@@ -225,14 +232,16 @@ def refuses_writes(exc: BaseException) -> bool:
         # script can't run this command or subcommand"): NOPERM, as Redis words it there.
         return (text.startswith(("MISCONF", "LOADING", "MASTERDOWN", "NOREPLICAS"))
                 or "can't run this command" in text)
+    if isinstance(exc, BackendStoreError) and exc.__context__ is not None:
+        exc = exc.__context__  # the database backend's own retries ran out (Celery >= 5.7)
     sqlalchemy = sys.modules.get("sqlalchemy.exc")
     return sqlalchemy is not None and isinstance(exc, sqlalchemy.SQLAlchemyError)
 
 
 def write_retried(backend: Any, fun: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """``fun(*args, **kwargs)``, a result-backend write, retried with the backend's
-    ``retry_policy`` while the backend refuses writes (``refuses_writes``) -- unless the backend
-    retries those itself (the database backend).
+    ``retry_policy`` while the backend refuses writes (``refuses_writes``), after whatever
+    retries the backend made itself (the database backend's ``result_backend_max_retries``).
 
     Connection errors are retried inside Celery's backends already (``RedisBackend.ensure``,
     ``Backend._ensure_retryable``); a refusal is raised at once there, and an item handed back
@@ -244,15 +253,14 @@ def write_retried(backend: Any, fun: Callable[..., Any], *args: Any, **kwargs: A
 
     policy = dict(getattr(backend, "retry_policy", None) or {})
     max_retries = policy.get("max_retries") or 0
-    intervals = fxrange(policy.get("interval_start", 0),
-                        policy.get("interval_step", 1) + policy.get("interval_start", 0),
-                        policy.get("interval_step", 1), repeatlast=True)
-    interval_max = float(policy.get("interval_max", 1))
+    start, interval_max = policy.get("interval_start", 0), float(policy.get("interval_max", 1))
+    intervals = fxrange(start, interval_max + start, policy.get("interval_step", 1),
+                        repeatlast=True)
     for retries in itertools.count():
         try:
             return fun(*args, **kwargs)
         except Exception as exc:
-            if retries >= max_retries or not refuses_writes(exc) or _retried_by(backend, exc):
+            if retries >= max_retries or not refuses_writes(exc):
                 raise
             pause = min(next(intervals), interval_max)
             logging.getLogger(__name__).warning(
@@ -260,16 +268,6 @@ def write_retried(backend: Any, fun: Callable[..., Any], *args: Any, **kwargs: A
                 "%.1fs (%d of %d)", type(exc).__name__, exc, pause, retries + 1, max_retries)
             time.sleep(pause)
     raise AssertionError("unreachable")  # pragma: no cover
-
-
-def _retried_by(backend: Any, exc: BaseException) -> bool:
-    """Whether the backend retried ``exc`` itself already (``result_backend_always_retry``:
-    the database backend's default, with its own ``result_backend_max_retries``)."""
-    try:
-        return bool(getattr(backend, "always_retry", False)
-                    and backend.exception_safe_to_retry(exc))
-    except Exception:
-        return False
 
 
 def store_errors_for(task: Any, ctx: Context) -> bool:

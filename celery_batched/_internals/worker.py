@@ -184,3 +184,51 @@ def static_prefetch_queue(consumer: Any) -> str | None:
     if qos_global is None:
         qos_global = not quorum
     return None if qos_global else str(queue)
+
+
+def wrap_prefetch_sender(qos: Any, adjust: Any) -> None:
+    """Every prefetch count Celery's ``QoS`` sends goes through ``adjust(count)`` first.
+
+    Mirrors ``kombu.common.QoS.set``, which calls ``self.callback(prefetch_count=...)``
+    (kombu 5.6-5.7): Celery keeps raising, lowering and restoring its own count, and the broker
+    sees it plus batching's share.
+    """
+    send = qos.callback
+
+    def send_adjusted(prefetch_count: int) -> Any:
+        return send(prefetch_count=adjust(prefetch_count))
+
+    qos.callback = send_adjusted
+
+
+def resend_prefetch(qos: Any, now: bool = False) -> None:
+    """Have ``QoS.update`` send the count again even if Celery's own value didn't change:
+    ``now`` (on the consumer's thread), or at the consumer loop's next turn. Mirrors
+    ``kombu.common.QoS.update``, which sends only when ``prev`` differs (kombu 5.6-5.7)."""
+    qos.prev = None
+    if now:
+        qos.update()
+
+
+def with_batch_events(request: Any, eventer_for: Any) -> Any:
+    """``request`` whose own events (``task-failed``, ``task-retried``, ...) go through
+    ``eventer_for(eventer)``, once. ``Request.send_event`` sends through ``Request._eventer``
+    (Celery 5.6-5.7), which nothing else reads."""
+    from .events import BatchEventer
+
+    if not isinstance(request._eventer, BatchEventer):
+        request._eventer = eventer_for(request._eventer)
+    return request
+
+
+def replace_can_consume(channel_qos: Any, may_fetch: Any) -> None:
+    """The channel fetches when ``may_fetch()`` and kombu's own rule (the prefetch count) allow,
+    in place of the rule Celery installs for ``worker_disable_prefetch``. Mirrors the
+    ``can_consume`` that ``celery.worker.consumer.tasks.Tasks.start`` puts on the channel's
+    ``QoS`` (Celery 5.6-5.7) over ``kombu.transport.virtual.base.QoS.can_consume``."""
+    kombu_rule = type(channel_qos).can_consume
+
+    def can_consume() -> bool:
+        return may_fetch() and bool(kombu_rule(channel_qos))
+
+    channel_qos.can_consume = can_consume

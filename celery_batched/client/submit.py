@@ -26,7 +26,7 @@ from celery.utils.nodenames import anon_nodename
 from celery.utils.saferepr import saferepr
 
 from .._internals import redis_results
-from .._internals.client import LazyAsyncResult, prepare_event
+from .._internals.client import LazyAsyncResult, prepare_event, producer_internals
 from .._internals.kombu_redis import RedisBulkPublisher
 from ..errors import ItemArgumentsError
 from ..protocol import BatchedTaskLike
@@ -151,8 +151,7 @@ class _BulkSend:
         self.events = app.events.Dispatcher(producer.connection, enabled=False) if sent_event else None
         self.subscribe = _backend_needs_on_task_call(task.backend)
         producer.maybe_declare(self.queue)
-        # What Producer.publish resolves before Producer._publish, once (kombu 5.5-5.7).
-        _, delivery_mode = producer._delivery_details("", None)
+        self._prepare, self._publish, delivery_mode = producer_internals(producer)
         self.properties = {**self.template.properties, "delivery_mode": delivery_mode}
 
     def send(self, calls: list[tuple[tuple[Any, ...], dict[str, Any]]]) -> list[AsyncResult]:
@@ -205,7 +204,7 @@ class _BulkSend:
 
     def _send_each(self, calls: Sequence[Any], ids: list[str]) -> None:
         producer = self.producer
-        prepare, publish = producer._prepare, producer._publish
+        prepare, publish = self._prepare, self._publish
         batch = getattr(producer, "batch", None)  # kombu >= 5.7: its own retry-safe batching
         context = batch(PUBLISH_BATCH_SIZE) if batch is not None else _nullcontext()
         _, _, embed = self.template.body

@@ -143,8 +143,7 @@ def _concat(parts: list[Any]) -> Any:
 def _call_once(task: BatchedTaskLike, rows: Sequence[tuple[Any, ...]]) -> Any:
     ensure_setup(task)
     columns = [list(col) for col in zip(*rows)]
-    # Celery's autoretry wraps ``run`` as a whole; retries are per item here (``outcomes.py``).
-    fun = task.__dict__.get("_orig_run") or task.run
+    fun = trace.undecorated_run(task)
     spec = task._batch_spec
     n_pos = spec.n_positional
     returned = fun(*columns[:n_pos], **dict(zip(spec.param_names[n_pos:], columns[n_pos:])))

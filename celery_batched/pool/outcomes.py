@@ -36,7 +36,7 @@ from ..errors import (
 from ..protocol import BatchedTaskLike, BatchReply, Outcome, WireItem
 from ..retry import RetryItem
 
-logger = logging.getLogger("celery_batched.pool.execution")
+logger = logging.getLogger(__name__)
 
 _accept_cache: dict[int, frozenset[str]] = {}
 

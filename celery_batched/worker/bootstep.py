@@ -140,20 +140,17 @@ class BatchingStep(bootsteps.StartStopStep):
         item. This replaces Celery's rule (``celery.worker.consumer.tasks.Tasks.start``) with the
         same rule for everything but batching's own items, and batching's: fetch while a pool
         process is free."""
-        kombu_rule = type(channel_qos).can_consume
         reserved = worker.reserved_requests
         controller = self.consumer.controller
 
-        def can_consume() -> bool:
+        def may_fetch() -> bool:
             assert self.dispatcher is not None and self.prefetch is not None
             if self.dispatcher.pool_busy():
                 return False
             limit = getattr(controller, "max_concurrency", None) or self.slots()
-            if len(reserved()) - self.prefetch.held() >= limit:
-                return False
-            return bool(kombu_rule(channel_qos))
+            return len(reserved()) - self.prefetch.held() < limit
 
-        channel_qos.can_consume = can_consume
+        worker.replace_can_consume(channel_qos, may_fetch)
 
     def buffer_for(self, task: Any) -> BatchBuffer:
         buffer = self.buffers.get(task.name)

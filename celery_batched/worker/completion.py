@@ -176,8 +176,9 @@ class Completion:
     def _request(batch: Batch, item: Any, events: bool) -> Any:
         """The item's Celery ``Request``, whose own events carry the batch fields."""
         req = item.request()
-        if events and not isinstance(req._eventer, BatchEventer):
-            req._eventer = BatchEventer(req._eventer, batch_fields(batch, item))
+        if events:
+            worker.with_batch_events(
+                req, lambda eventer: BatchEventer(eventer, batch_fields(batch, item)))
         return req
 
     def _log(self, batch: Batch, reply: BatchReply, succeeded: int) -> None:

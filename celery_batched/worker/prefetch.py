@@ -24,6 +24,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from .._internals import worker
+
 #: kombu's ceiling for a prefetch count (``kombu.common.PREFETCH_COUNT_MAX``).
 PREFETCH_COUNT_MAX = 0xFFFF
 
@@ -44,13 +46,11 @@ class Prefetch:
             self._wrap(qos)
 
     def _wrap(self, qos: Any) -> None:
-        send = qos.callback
-
-        def send_with_batching(prefetch_count: int) -> Any:
+        def with_batching(prefetch_count: int) -> int:
             base = prefetch_count or max(1, self._static_slots or self.slots())  # 0: unlimited
-            return send(prefetch_count=min(PREFETCH_COUNT_MAX, base + self.extra))
+            return min(PREFETCH_COUNT_MAX, base + self.extra)
 
-        qos.callback = send_with_batching
+        worker.wrap_prefetch_sender(qos, with_batching)
 
     def credit_for(self, max_batch_size: int) -> TaskCredit:
         credit = TaskCredit(self, max_batch_size)
@@ -71,8 +71,7 @@ class Prefetch:
     def apply(self) -> None:
         """Send the prefetch count now (consumer thread)."""
         if self.qos is not None:
-            self.qos.prev = None
-            self.qos.update()
+            worker.resend_prefetch(self.qos, now=True)
 
     def held(self) -> int:
         return sum(c.held for c in self.credits)
@@ -81,7 +80,7 @@ class Prefetch:
         # Static: a count sent now would never reach the consumer; the share stays as set.
         if delta and self.qos is not None and self.static is None:
             self.extra += delta
-            self.qos.prev = None  # the consumer loop re-sends the count (QoS.update) next turn
+            worker.resend_prefetch(self.qos)  # by the consumer loop, at its next turn
 
 
 class TaskCredit:

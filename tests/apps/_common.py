@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from typing import Any
 
 import redis
@@ -22,6 +23,22 @@ def redis_client() -> redis.Redis:
     every client connection and the tasks' bookkeeping must survive that like the worker does."""
     return redis.Redis.from_url(RECORD, retry=Retry(ExponentialBackoff(cap=0.5), 10),
                                 retry_on_error=[redis.ConnectionError, redis.TimeoutError])
+
+
+def record_runs(client: redis.Redis, xs: Iterable[object]) -> None:
+    """Count executions per item in the hash ``runs`` (a duplicate shows as a count > 1) and
+    append the batch's ``pid:size`` to the list ``batches``."""
+    items = list(xs)
+    with client.pipeline() as pipe:
+        for x in items:
+            pipe.hincrby("runs", str(x), 1)
+        pipe.rpush("batches", f"{os.getpid()}:{len(items)}")
+        pipe.execute()
+
+
+def batch_sizes(client: redis.Redis) -> list[int]:
+    """The sizes ``record_runs`` appended, in order."""
+    return [int(b.split(b":")[1]) for b in client.lrange("batches", 0, -1)]
 
 
 def make_app(name: str, **settings: Any) -> Celery:

@@ -7,7 +7,7 @@ import time
 
 from celery_batched import BatchedTask
 
-from ._common import BROKER, make_app, redis_client
+from ._common import BROKER, make_app, record_runs, redis_client
 
 app = make_app(
     "faults",
@@ -34,12 +34,7 @@ _redis = redis_client()
 
 
 def count_runs(xs: list[object]) -> None:
-    """Count executions per item (duplicates show up as counts > 1) and batch sizes."""
-    with _redis.pipeline() as pipe:
-        for x in xs:
-            pipe.hincrby("runs", str(x), 1)
-        pipe.rpush("batches", f"{os.getpid()}:{len(xs)}")
-        pipe.execute()
+    record_runs(_redis, xs)
 
 
 @app.task(base=BatchedTask, max_batch_size=20, wait_ms=50)

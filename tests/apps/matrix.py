@@ -34,6 +34,7 @@ from kombu import Queue
 
 from celery_batched import BatchedTask, RetryItem
 
+from ._common import record_runs
 from ._common import redis_client as _record_client
 
 CONFIG: dict[str, Any] = json.loads(os.environ.get("MATRIX_CONFIG") or "{}")
@@ -59,14 +60,6 @@ def _first_run(x: int) -> bool:
     return bool(_record.hsetnx("first", str(x), 1))
 
 
-def _count(xs: list[int]) -> None:
-    with _record.pipeline() as pipe:
-        for x in xs:
-            pipe.hincrby("runs", str(x), 1)
-        pipe.rpush("batches", f"{os.getpid()}:{len(xs)}")
-        pipe.execute()
-
-
 def _run(kinds: list[str], xs: list[int]) -> list[Any]:
     if "oom" in kinds:
         raise MemoryError(f"{len(kinds)} items don't fit")
@@ -80,7 +73,7 @@ def _run(kinds: list[str], xs: list[int]) -> list[Any]:
             if "stuck" not in kinds:
                 raise
             time.sleep(5)  # ignores the soft limit: only the hard one ends it
-    _count(xs)
+    record_runs(_record, xs)
     out: list[Any] = []
     for kind, x in zip(kinds, xs):
         if kind == "fail":

@@ -10,7 +10,7 @@ from kombu import Queue
 
 from celery_batched import BatchedTask
 
-from ._common import make_app, redis_client
+from ._common import make_app, record_runs, redis_client
 
 QUEUE = os.environ.get("TEST_QUEUE", "quorum")
 
@@ -31,9 +31,5 @@ _redis = redis_client()
 def square(xs: list[int]) -> list[int]:
     """Takes a while per batch, so a drain lasts long enough to sample unacked messages."""
     time.sleep(0.25)
-    with _redis.pipeline() as pipe:
-        for x in xs:
-            pipe.hincrby("runs", str(x), 1)
-        pipe.rpush("batches", len(xs))
-        pipe.execute()
+    record_runs(_redis, xs)
     return [x * x for x in xs]

@@ -11,7 +11,7 @@ import time
 
 from celery_batched import BatchedTask
 
-from ._common import make_app, redis_client
+from ._common import make_app, record_runs, redis_client
 
 app = make_app("shutdown", worker_cancel_long_running_tasks_on_connection_loss=False)
 if os.environ.get("TEST_FS_DIR"):  # kombu's filesystem transport: no event loop (synloop)
@@ -38,9 +38,5 @@ def paced(xs: list[int]) -> list[int]:
     deadline = time.monotonic() + 20
     while not _redis.exists("release") and time.monotonic() < deadline:
         time.sleep(0.02)
-    with _redis.pipeline() as pipe:
-        for x in xs:
-            pipe.hincrby("runs", str(x), 1)
-        pipe.rpush("batches", len(xs))
-        pipe.execute()
+    record_runs(_redis, xs)
     return [x * 3 for x in xs]

@@ -25,6 +25,7 @@ from kombu import Queue
 
 from celery_batched import BatchedTask
 
+from ..apps._common import batch_sizes
 from ..conftest import REDIS_URL
 from ..servers import NO_SCRIPTING, PostgresDatabase, RabbitVhost, RedisSentinel, RedisServer
 from ..workers import Worker
@@ -219,7 +220,7 @@ class Scenario:
         return {int(k): int(v) for k, v in self.record.hgetall("runs").items()}
 
     def batch_sizes(self) -> list[int]:
-        return [int(b.split(b":")[1]) for b in self.record.lrange("batches", 0, -1)]
+        return batch_sizes(self.record)
 
     def calls(self) -> int:
         return int(self.record.llen("calls"))
