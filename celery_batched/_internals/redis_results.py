@@ -87,10 +87,7 @@ def store(backend: Any, task_ids: Sequence[str], metas: Sequence[Any]) -> int:
 def _store(backend: Any, keys: list[Any], metas: list[Any], codec: str, ttl: int) -> int:
     client = backend.client
     if not codec:  # a serializer Lua can't read: the duplicate guard runs here
-        current = client.mget(keys)
-        keep = [k for k, cur in enumerate(current)
-                if not (cur and backend.decode_result(cur).get("status") == "SUCCESS")]
-        keys, metas = [keys[k] for k in keep], [metas[k] for k in keep]
+        keys, metas = _not_yet_succeeded(backend, keys, metas)
     script = _scripts.get(id(client))
     if script is None:
         script = _scripts[id(client)] = client.register_script(_STORE)
@@ -112,6 +109,16 @@ def _store(backend: Any, keys: list[Any], metas: list[Any], codec: str, ttl: int
             script = _scripts[id(client)] = _NO_SCRIPTS
             written += _store_pipelined(backend, keys[start:end], metas[start:end], codec, ttl)
     return written
+
+
+def _not_yet_succeeded(backend: Any, keys: list[Any],
+                       metas: list[Any]) -> tuple[list[Any], list[Any]]:
+    """The keys (and their metas) with no SUCCESS stored yet, on one ``MGET``: the duplicate
+    guard of ``BaseKeyValueStoreBackend._store_result``."""
+    current = backend.client.mget(keys)
+    keep = [k for k, cur in enumerate(current)
+            if not (cur and backend.decode_result(cur).get("status") == "SUCCESS")]
+    return [keys[k] for k in keep], [metas[k] for k in keep]
 
 
 _NO_SCRIPTS: Any = object()
@@ -140,10 +147,7 @@ def _store_pipelined(backend: Any, keys: list[Any], metas: list[Any], codec: str
     ``_store_result``)."""
     client = backend.client
     if codec:  # not checked by the caller yet
-        current = client.mget(keys)
-        keep = [k for k, cur in enumerate(current)
-                if not (cur and backend.decode_result(cur).get("status") == "SUCCESS")]
-        keys, metas = [keys[k] for k in keep], [metas[k] for k in keep]
+        keys, metas = _not_yet_succeeded(backend, keys, metas)
     with client.pipeline(transaction=False) as pipe:
         for key, meta in zip(keys, metas):
             if ttl:

@@ -59,7 +59,8 @@ class Completion:
         events = self._events_on(task)
         send = self.consumer.event_dispatcher.send if events else None
         done: list[Any] = []
-        handed_back = failed = lost = 0
+        handed_back = failed = 0
+        lost: list[str] = []
         # Each item's share of the batch's time: summed over items (Flower's runtime metric),
         # it is the time the batch took, not n times that. The whole is ``batch_runtime``.
         share = reply.runtime / len(items)
@@ -86,7 +87,7 @@ class Completion:
                     handed_back += 1
                     self._hand_back(item)
                 else:
-                    lost += 1
+                    lost.append(item.id)
                     worker.task_ready(item)
         if done:
             if acks_late:
@@ -101,11 +102,12 @@ class Completion:
                          "stored, and their messages were acknowledged when the batch started "
                          "(acks_late=False): they stay PENDING. Keep acks_late=True (the "
                          "default) to have them run again instead. Items: %s", batch.id,
-                         task.name, lost, _ids(items, reply.codes, written))
+                         task.name, len(lost), " ".join(lost[:10])
+                         + (f" and {len(lost) - 10} more" if len(lost) > 10 else ""))
         self._log(batch, reply, len(done))
         self.observers.finished(batch, BatchOutcome(
-            len(done), failed, len(items) - len(done) - failed - handed_back - lost,
-            handed_back + lost, reply.runtime))
+            len(done), failed, len(items) - len(done) - failed - handed_back - len(lost),
+            handed_back + len(lost), reply.runtime))
         batch.credit.release(len(items))
 
     def failed(self, batch: Batch, exc_info: Any) -> None:
@@ -197,18 +199,6 @@ class Completion:
 def _exception_text(einfo: Any) -> str:
     exc = trace.raw_exception(einfo) if hasattr(einfo, "exception") else einfo
     return f"{type(exc).__name__}({str(exc)!r})"
-
-
-def _ids(items: Any, codes: bytes, written: Written | None) -> str:
-    """The ids of a batch's ``UNSTORED`` items, at most ten."""
-    statuses = iter(written or ())
-    ids = []
-    for item, code in zip(items, codes):
-        if code == Outcome.STORE:
-            code = int(next(statuses)[0])
-        if code == Outcome.UNSTORED:
-            ids.append(item.id)
-    return " ".join(ids[:10]) + (f" and {len(ids) - 10} more" if len(ids) > 10 else "")
 
 
 def _guard(handler: Callable[..., Any], *args: Any) -> None:
