@@ -27,11 +27,12 @@ class BatchingStep(bootsteps.StartStopStep):
     name = "celery_batched.Batching"
     requires = ("celery.worker.consumer.tasks:Tasks",)
 
-    def __init__(self, c: Consumer, **kwargs: Any) -> None:
+    def __init__(self, c: Consumer, batching_pool_devices: str | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(c, **kwargs)
         # Celery's own consumer steps publish themselves on the consumer (c.heart, c.gossip);
         # the batched tasks' strategies and the remote-control commands find the service here.
-        self.service = c.batching = BatchingService(c)
+        self.service = c.batching = BatchingService(c, pool_devices=batching_pool_devices)
 
     def start(self, c: Consumer) -> None:
         self.service.start(c)

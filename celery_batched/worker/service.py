@@ -19,6 +19,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, ContextManager
 
+from celery import signals
 from celery.utils.log import get_logger
 from celery.worker.consumer import Consumer
 
@@ -26,6 +27,7 @@ from .. import observers, tuning
 from .._internals import worker
 from .._internals.kombu_redis import guard_close, install_bulk_fetch
 from ..observers import Observers
+from ..pool import devices
 from ..protocol import BatchedTaskLike
 from .buffer import BatchBuffer
 from .checks import check_result_serializer, check_worker
@@ -102,9 +104,11 @@ class Buffers:
 class BatchingService:
     """Buffers batched tasks' messages in the consumer and flushes them to the pool."""
 
-    def __init__(self, consumer: Consumer) -> None:
+    def __init__(self, consumer: Consumer, pool_devices: str | None = None) -> None:
         self.consumer = consumer
         check_result_serializer(consumer.app)  # before Celery builds its result backend (banner)
+        # Before the pool forks (Celery creates every step before it starts any).
+        self._pinning = devices.pin_children(consumer.app, consumer.pool, pool_devices)
         #: What ``inspect batching_stats`` reports, per task.
         self.records = TaskRecords()
         #: What ``max_latency_ms`` learned, per task; it survives reconnects.
@@ -234,6 +238,8 @@ class BatchingService:
             self.writer.stop()
         if self.metrics is not None:
             self.metrics.stop()
+        if self._pinning is not None:
+            signals.worker_process_init.disconnect(self._pinning)
         tuning.restore(self._previous_switch, self._froze)
         self._previous_switch, self._froze = None, False
 
