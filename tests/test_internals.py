@@ -51,6 +51,8 @@ MIRRORED = [
     ("celery/backends/base.py", "Backend.decode_result", ('d326e74ba9a755a7',), False, "_internals.redis_results.read"),  # 5.6.3,5.7.0: d326e74ba9a755a7
     ("celery/backends/base.py", "Backend.encode_result", ('8f2e43ecf6bbe298', 'ba6b6ba5766f9d1b'), False, "encoding.MetaEncoder._dict_meta"),  # 5.6.3: ba6b6ba5766f9d1b; 5.7.0: 8f2e43ecf6bbe298
     ("celery/backends/base.py", "BaseKeyValueStoreBackend._store_result", ('71146636916f03c9',), False, "_internals.redis_results.store (the SUCCESS guard)"),  # 5.6.3,5.7.0: 71146636916f03c9
+    ("celery/backends/base.py", "BaseKeyValueStoreBackend.get_key_for_task", ('8425956db5a87931',), False, "_internals.redis_results.task_keys"),  # 5.6.3,5.7.0: 8425956db5a87931
+    ("celery/backends/base.py", "BaseKeyValueStoreBackend._get_key_for", ('827d90d372cbe843', '74de8d113b7db3fd'), False, "_internals.redis_results.task_keys"),  # 5.6.3: 827d90d372cbe843; 5.7.0: 74de8d113b7db3fd
     ("celery/backends/redis.py", "RedisBackend._set", ('5a285b0354da1566', '5cb2c7690b748d1c'), False, "_internals.redis_results.store"),  # 5.6.3: 5a285b0354da1566; 5.7.0: 5cb2c7690b748d1c
     ("celery/backends/redis.py", "RedisBackend.set", ('7698af42c0706c55', '96a4ae54ec3dbe2a'), False, "_internals.redis_results.store"),  # 5.6.3: 7698af42c0706c55; 5.7.0: 96a4ae54ec3dbe2a
     ("celery/backends/redis.py", "RedisBackend.ensure", ('8cca4c4547333345',), False, "_internals.redis_results.store"),  # 5.6.3,5.7.0: 8cca4c4547333345
@@ -187,6 +189,47 @@ def channel():
 
 
 ARGS = [(1, 2), ("naïve café — 東京 🚀", {"nested": [1.5, None, True]}), ([0.1] * 5, "quote \" and \\")]
+
+
+@pytest.mark.parametrize("global_keyprefix", [None, "tenant-a"])
+def test_task_keys_are_the_backends_own(global_keyprefix):
+    from celery import Celery
+
+    from celery_batched._internals.redis_results import task_keys
+
+    app = Celery("keys", backend=REDIS_URL)
+    if global_keyprefix:
+        app.conf.result_backend_transport_options = {"global_keyprefix": global_keyprefix}
+    ids = ["6f1c8b3e-4d2a-4c1e-9b7a-1f2e3d4c5b6a", "naïve-東京", "x"]
+    assert task_keys(app.backend, ids) == [app.backend.get_key_for_task(i) for i in ids]
+    with pytest.raises(ValueError, match="task_id must not be empty"):
+        task_keys(app.backend, ["a", ""])
+
+
+def test_messages_decoded_at_once_are_each_decoded_alone(redis_client):
+    """The bulk fetch decodes the messages it popped in one call: the same as kombu's loads of
+    each, and each alone when one of them isn't one JSON value (a bad one fails alone)."""
+    from datetime import datetime, timezone
+
+    from kombu.utils.json import loads
+
+    from celery_batched._internals.kombu_redis import _decode_many
+
+    from .apps import calc
+
+    queue = "internals.decode_many"
+    send = calc.app.send_task
+    send("internals.any", (1, 2), queue=queue)
+    send("internals.any", ("naïve café — 東京 🚀", {"n": [1.5, None]}), queue=queue,
+         eta=datetime(2030, 1, 1, tzinfo=timezone.utc))
+    send("internals.any", (datetime(2020, 5, 17, 1, 2, 3), 4), queue=queue)  # kombu's "__type__"
+    raws = redis_client.lrange(queue, 0, -1)
+    redis_client.delete(queue)
+    assert len(raws) == 3
+    assert _decode_many(raws) == [loads(raw) for raw in raws]
+    assert _decode_many([*raws, b'{"a": 1} {"b": 2}']) is None
+    assert _decode_many([*raws, b'\xff{}']) is None
+    assert _decode_many([*raws, b'']) is None
 
 
 @pytest.mark.parametrize("args", ARGS)

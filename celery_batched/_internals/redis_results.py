@@ -69,6 +69,15 @@ def can_store(backend: Any) -> bool:
             and not backend.app.conf.find_value_for_key("extended", "result"))
 
 
+def task_keys(backend: Any, task_ids: Sequence[str]) -> list[Any]:
+    """``backend.get_key_for_task`` of each id, with the prefix joined once: mirrors
+    ``BaseKeyValueStoreBackend.get_key_for_task`` / ``_get_key_for`` (prefix + ``key_t(id)``)."""
+    if not all(task_ids):
+        raise ValueError(f"task_id must not be empty. Got {list(task_ids)!r}")
+    prefix, key_t = backend.task_keyprefix, backend.key_t
+    return [prefix + key_t(task_id) for task_id in task_ids]
+
+
 def store(backend: Any, task_ids: Sequence[str], metas: Sequence[Any]) -> int:
     """Store encoded SUCCESS metas; return how many were written (duplicates are skipped).
 
@@ -76,7 +85,7 @@ def store(backend: Any, task_ids: Sequence[str], metas: Sequence[Any]) -> int:
     (``RedisBackend.ensure``, as ``RedisBackend.set`` does, and ``trace.write_retried``), then
     raised. A server that refuses scripts gets pipelined writes instead.
     """
-    keys = [backend.get_key_for_task(task_id) for task_id in task_ids]
+    keys = task_keys(backend, task_ids)
     readable = backend.serializer in ("json", "msgpack") and not getattr(backend, "compression", None)
     codec = backend.serializer if readable else ""
     ttl = int(backend.expires or 0)
@@ -175,7 +184,7 @@ def read(backend: Any, task_ids: Sequence[str]) -> list[dict[str, Any] | None]:
     with one decoder kept for the process (``kombu.utils.json.loads`` builds one per call).
     """
     client = backend.client
-    keys = [backend.get_key_for_task(task_id) for task_id in task_ids]
+    keys = task_keys(backend, task_ids)
     fast_json = (backend.serializer == "json" and "application/json" in (backend.accept or ())
                  and backend.content_type == "application/json")
     out: list[dict[str, Any] | None] = []
