@@ -191,6 +191,34 @@ def channel():
 ARGS = [(1, 2), ("naïve café — 東京 🚀", {"nested": [1.5, None, True]}), ([0.1] * 5, "quote \" and \\")]
 
 
+JSON_TEXTS = [
+    b'[[1, 2.5, "x"], {}, {"callbacks": null}]',
+    b'[[123456789012345678901234567890, -9223372036854775809, 9223372036854775807], {}, {}]',
+    b'[[0.12345678901234567890123], {}, {}]',
+    b'[[NaN, Infinity, -Infinity, 1e400], {}, {}]',
+    b'[["\\ud800 lone", "\\u00e9\\u6771"], {}, {}]',
+    b'[[{"__type__": "datetime", "__value__": "2020-05-17T01:02:03"}], {}, {}]',
+    b'{"a": 1, "a": 2, "b": [[[[]]]], "c": -0.0, "d": 1E2}',
+    "[[\"caf\u00e9 \u6771\u4eac\"], {}, {}]".encode(),
+]
+
+
+@pytest.mark.parametrize("text", JSON_TEXTS)
+@pytest.mark.parametrize("fast", [True, False], ids=["orjson", "stdlib"])
+def test_hot_path_json_decodes_as_kombu(text, fast, monkeypatch):
+    """``jsonc.loads`` (orjson where it can't differ, else the standard library) returns what
+    ``kombu.utils.json.loads`` returns, types included."""
+    from kombu.utils.json import loads
+
+    from celery_batched._internals import jsonc
+
+    assert jsonc.fast_enabled()  # the dev extra installs orjson: the fast path is tested
+    if not fast:
+        monkeypatch.setattr(jsonc, "_fast", None)
+    assert repr(jsonc.loads(text)) == repr(loads(text))
+    assert repr(jsonc.loads(text.decode())) == repr(loads(text))
+
+
 @pytest.mark.parametrize("global_keyprefix", [None, "tenant-a"])
 def test_task_keys_are_the_backends_own(global_keyprefix):
     from celery import Celery

@@ -26,6 +26,7 @@ from queue import Empty  # what kombu's Redis _brpop_read raises for an empty re
 from typing import Any
 
 from ..errors import BulkPublishError
+from . import jsonc
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ try:
     from kombu.transport import redis as kombu_redis
     from kombu.transport.virtual.base import QoS as VirtualQoS
     from kombu.utils.encoding import bytes_to_str
-    from kombu.utils.json import JSONEncoder, dumps, object_hook
+    from kombu.utils.json import JSONEncoder, dumps
 except ImportError:  # pragma: no cover
     kombu_redis = None  # type: ignore[assignment]
 
@@ -42,22 +43,16 @@ BULK_FETCH_MAX = 256
 #: Bytes popped per script call, about (the message that crosses it is the last one).
 BULK_FETCH_MAX_BYTES = 4 * 1024 * 1024
 
-_plain_decode = json.JSONDecoder().decode
-_hooked_decode = json.JSONDecoder(object_hook=object_hook).decode
-
-
-def _decode(text: str) -> Any:
-    """``kombu.utils.json.loads``: the same result, cheaper. kombu builds a new decoder per
-    call and runs its Python ``object_hook`` on every dict; the hook only changes dicts that
-    kombu's encoder marked with ``"__type__"``, so text without that marker skips it."""
-    return _hooked_decode(text) if '"__type__"' in text else _plain_decode(text)
+def _decode(text: str | bytes) -> Any:
+    """``kombu.utils.json.loads``: the same result, cheaper (``jsonc``)."""
+    return jsonc.loads(text)
 
 def _decode_many(raws: Sequence[bytes]) -> list[Any] | None:
     """Many popped messages decoded as ``_decode`` decodes each, in one call (a third less CPU
     per message than one call each); None if any is not one JSON value, so that each is then
     decoded alone and a bad one fails alone."""
     try:
-        decoded = _decode((b"[%s]" % b",".join(raws)).decode("utf-8"))
+        decoded = _decode(b"[%s]" % b",".join(raws))
     except (ValueError, TypeError):
         return None
     return decoded if len(decoded) == len(raws) else None
@@ -186,7 +181,7 @@ def _deliver_more(channel: Any, script: Any, queue: str,
     try:
         for i, raw in enumerate(raws):
             try:
-                payload = payloads[i] if payloads is not None else _decode(bytes_to_str(raw))
+                payload = payloads[i] if payloads is not None else _decode(raw)
                 receive = receiver_for(payload) if receiver_for is not None and consumed else None
                 if receive is None:
                     channel.connection._deliver(payload, queue)

@@ -4,7 +4,6 @@ autoretry wrapper and its result backends, per item of a batch (Celery 5.5-5.7).
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import socket
 import sys
@@ -24,7 +23,8 @@ from celery.utils.time import get_exponential_backoff_interval
 from kombu.exceptions import EncodeError
 from kombu.serialization import loads as kombu_loads
 from kombu.utils.encoding import bytes_to_str
-from kombu.utils.json import object_hook
+
+from . import jsonc
 
 _HOSTNAME = socket.gethostname()
 
@@ -33,8 +33,6 @@ try:  # redis is a declared dependency, but any Celery backend must work without
 except ImportError:  # pragma: no cover
     RedisBackend = None
 
-_plain_decode = json.JSONDecoder().decode
-_hooked_decode = json.JSONDecoder(object_hook=object_hook).decode
 
 
 def decode_body(body: Any, content_type: str | None, content_encoding: str | None,
@@ -48,9 +46,7 @@ def decode_body(body: Any, content_type: str | None, content_encoding: str | Non
     if isinstance(body, tuple):
         return body  # decoded in the consumer (ETA, legacy)
     if content_type == "application/json" and "application/json" in accept:
-        text = bytes_to_str(body)
-        # kombu's hook only rewrites dicts marked "__type__" (see kombu_redis._decode).
-        decoded = _hooked_decode(text) if '"__type__"' in text else _plain_decode(text)
+        decoded = jsonc.loads(body)
     else:
         decoded = kombu_loads(body, content_type, content_encoding, accept=accept)
     return split_body(decoded)
@@ -62,15 +58,14 @@ def decode_json_bodies(bodies: Sequence[Any]) -> list[Any] | None:
     not one JSON value, undecodable text) -- the caller then decodes each alone, so a bad item
     fails alone. One C-level decode of the joined text costs a third of 128 separate ones."""
     try:
-        text = b"[%s]" % b",".join(bodies)
-        joined = text.decode("utf-8")
-    except (TypeError, UnicodeDecodeError):
+        joined = b"[%s]" % b",".join(bodies)
+    except TypeError:
         return None
-    if '"__type__"' in joined:
+    if b'"__type__"' in joined:
         return None
     try:
-        decoded = _plain_decode(joined)
-    except ValueError:
+        decoded = jsonc.loads(joined)
+    except ValueError:  # UnicodeDecodeError included
         return None
     # A body such as ``1, 2`` would shift every later item: only one value per body counts.
     if len(decoded) != len(bodies):

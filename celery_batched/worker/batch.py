@@ -10,7 +10,7 @@ import itertools
 import time
 import uuid
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ..protocol import BatchedTaskLike
 from .buffer import FlushReason
