@@ -12,7 +12,6 @@ standard library then decodes as kombu would.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable
 from typing import Any
 
@@ -20,7 +19,10 @@ from kombu.utils.json import object_hook
 
 _plain = json.JSONDecoder().decode
 _hooked = json.JSONDecoder(object_hook=object_hook).decode
-_LONG_DIGITS = re.compile(rb"\d{19}")
+#: Every digit to ``0``, everything else to a space: a run of 19 digits is then a plain
+#: substring search (a regular expression costs 20 times more on task messages).
+_DIGITS_AS_ZERO = bytes(48 if 48 <= i <= 57 else 32 for i in range(256))
+_LONG_RUN = b"0" * 19
 
 _fast: Callable[[bytes], Any] | None
 try:
@@ -38,7 +40,7 @@ def loads(data: bytes | str) -> Any:
     else:
         text, raw = None, data
     if _fast is not None and raw is not None and b'"__type__"' not in raw \
-            and _LONG_DIGITS.search(raw) is None:
+            and _LONG_RUN not in raw.translate(_DIGITS_AS_ZERO):
         try:
             return _fast(raw)
         except ValueError:  # orjson.JSONDecodeError: let the standard library decide
