@@ -33,7 +33,7 @@ def flaky(keys: list[str]) -> list[object]:
     for key in keys:
         seen[key] = seen.get(key, 0) + 1
         if key == "busy" and seen[key] == 1:
-            out.append(RetryItem(countdown=0.1))  # only this item runs again, in a later batch
+            out.append(RetryItem(countdown=0.1))  # only this item runs again, later
         else:
             out.append(key.upper())
     return out

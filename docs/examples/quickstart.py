@@ -24,8 +24,10 @@ def batch_add(xs: list[int], ys: list[int]) -> list[int]:
 
 if __name__ == "__main__":
     with start_worker(app, perform_ping_check=False):
-        results = [batch_add.delay(1, 300), batch_add.delay(2, 200), batch_add.delay(3, ys=100)]
+        results = [batch_add.delay(1, 300), batch_add.delay(2, 200),
+                   batch_add.delay(3, ys=100)]
         print([r.get(timeout=10) for r in results])  # [301, 202, 103]
-        print(len(calls), "calls:", calls)  # 2 calls: a full batch of 2, then 1 after 1000 ms
+        # Two calls: a full batch of 2 at once, then the third alone after 1000 ms.
+        print(len(calls), "calls:", calls)
     assert [r.result for r in results] == [301, 202, 103]
     assert calls == [([1, 2], [300, 200]), ([3], [100])]

@@ -12,8 +12,9 @@ from celery import Celery
 
 from celery_batched import BatchedTask
 
-app = Celery("after", broker=os.environ.get("CELERY_BROKER_URL", "redis://localhost:6379/0"),
-             backend=os.environ.get("CELERY_RESULT_BACKEND", "redis://localhost:6379/0"))
+REDIS = "redis://localhost:6379/0"
+app = Celery("after", broker=os.environ.get("CELERY_BROKER_URL", REDIS),
+             backend=os.environ.get("CELERY_RESULT_BACKEND", REDIS))
 # No prefetch setting: the worker holds the messages its batches need by itself.
 
 
@@ -24,9 +25,10 @@ def tokens_of(text: str, lowercase: bool) -> list[str]:
     return [w.lower() for w in words] if lowercase else words
 
 
-@app.task(name="migration.tokens", base=BatchedTask, max_batch_size=16, wait_ms=100)
-def tokens(texts: list[str], lowercase: list[bool] = True) -> list[object]:  # type: ignore[assignment]
-    # A default is filled in per item: an item sent without ``lowercase`` gets True in the list.
+@app.task(name="migration.tokens", base=BatchedTask,
+          max_batch_size=16, wait_ms=100)
+def tokens(texts: list[str], lowercase: list[bool] = True) -> list[object]:
+    # A default is filled in per item: an item sent without lowercase gets True.
     out: list[object] = []
     for text, lower in zip(texts, lowercase):
         try:

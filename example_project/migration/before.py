@@ -11,8 +11,9 @@ import os
 from celery import Celery
 from celery_batches import Batches, SimpleRequest
 
-app = Celery("before", broker=os.environ.get("CELERY_BROKER_URL", "redis://localhost:6379/0"),
-             backend=os.environ.get("CELERY_RESULT_BACKEND", "redis://localhost:6379/0"))
+REDIS = "redis://localhost:6379/0"
+app = Celery("before", broker=os.environ.get("CELERY_BROKER_URL", REDIS),
+             backend=os.environ.get("CELERY_RESULT_BACKEND", REDIS))
 # celery-batches buffers only what the worker prefetches: the prefetch count must exceed
 # flush_every, or batches are silently capped (it defaults to 4 per process).
 app.conf.worker_prefetch_multiplier = 64
@@ -25,7 +26,8 @@ def tokens_of(text: str, lowercase: bool) -> list[str]:
     return [w.lower() for w in words] if lowercase else words
 
 
-@app.task(name="migration.tokens", base=Batches, flush_every=16, flush_interval=0.1)
+@app.task(name="migration.tokens", base=Batches,
+          flush_every=16, flush_interval=0.1)
 def tokens(requests: list[SimpleRequest]) -> None:
     for request in requests:
         text, *rest = request.args
@@ -33,7 +35,8 @@ def tokens(requests: list[SimpleRequest]) -> None:
         try:
             result = tokens_of(text, lowercase)
         except ValueError as exc:
-            # Not request=request: SimpleRequest has no errbacks, which mark_as_failure reads.
+            # No request=request: mark_as_failure reads request.errbacks,
+            # which a SimpleRequest doesn't have (AttributeError).
             app.backend.mark_as_failure(request.id, exc)
         else:
             app.backend.mark_as_done(request.id, result, request=request)
