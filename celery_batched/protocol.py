@@ -72,6 +72,7 @@ class BatchedTaskLike(Protocol):
     resultrepr_maxsize: int
     time_limit: float | None
     soft_time_limit: float | None
+    rate_limit: str | float | None
     isolate_failures: bool
     _batch_spec: BatchSpec
 

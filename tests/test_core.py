@@ -152,6 +152,43 @@ def test_bad_arity_item_fails_alone(redis_client, queue, start_worker):
     assert run == {**run, "a": [1, 4], "b": [2, 5], "c": [3, 6]}
 
 
+@pytest.mark.parametrize("broken", [b'[[1], {}, {', b'', b'[[1], {}, {}], [[2], {}, {}]', b'\xff[[1]'],
+                         ids=["truncated", "empty", "two-values", "not-utf8"])
+def test_undecodable_body_fails_alone(redis_client, queue, start_worker, broken):
+    """The pool decodes a batch's bodies in one call; a body that breaks it fails alone."""
+    from celery_batched.errors import ItemDecodeError
+
+    start_worker(APP, queues=queue)
+    good = [calc.sized.apply_async((i,), queue=queue) for i in (1, 2)]
+    bad_id = str(uuid.uuid4())
+    with calc.app.producer_or_acquire() as producer:
+        producer.publish(broken, routing_key=queue, exchange="", content_type="application/json",
+                         content_encoding="utf-8", serializer=None,
+                         headers={"id": bad_id, "task": calc.sized.name, "lang": "py"})
+    good.append(calc.sized.apply_async((3,), queue=queue))
+    assert [r.get(timeout=10) for r in good] == [10, 20, 30]
+    with pytest.raises(ItemDecodeError, match=re.escape(f"{calc.sized.name}[{bad_id}]: this item's "
+                                                        f"message body could not be decoded")):
+        calc.app.AsyncResult(bad_id).get(timeout=10)
+    assert [r["xs"] for r in execs(redis_client, "sized")] == [[1, 2, 3]]
+
+
+def test_joined_json_decode_is_each_bodys_decode():
+    from celery_batched._internals import trace
+
+    accept = frozenset({"application/json"})
+    bodies = [b'[[1], {}, {"callbacks": null}]', b'[[{"a": [1, 2.5, "\\u00e9"]}], {"k": null}, {}]',
+              b' [["x y"], {}, null] ', '[["\u00e9"], {}, {}]'.encode()]
+    joined = trace.decode_json_bodies(bodies)
+    assert joined is not None
+    assert [trace.split_body(d) for d in joined] == [
+        trace.decode_body(b, "application/json", "utf-8", accept) for b in bodies]
+    # Whatever kombu's hook would rewrite, or a body that isn't one value, is left to each alone.
+    assert trace.decode_json_bodies([*bodies, b'[[{"__type__": "datetime"}], {}, {}]']) is None
+    assert trace.decode_json_bodies([*bodies, b'1, 2']) is None
+    assert trace.decode_json_bodies([*bodies, b'']) is None
+
+
 def test_keyword_arguments(redis_client, queue, start_worker):
     start_worker(APP, queues=queue)
     assert calc.batch_add.apply_async((1,), {"ys": 300}, queue=queue).get(timeout=10) == 301

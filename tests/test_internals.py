@@ -60,7 +60,11 @@ MIRRORED = [
     ("celery/events/dispatcher.py", "EventDispatcher._prepare_event", ('74ec8b5a5dcee3b6',), True, "_internals.client.prepare_event"),  # 5.6.3: absent; 5.7.0: 74ec8b5a5dcee3b6
     ("celery/events/dispatcher.py", "EventDispatcher.publish", ('a5dc9eed11022e18', 'cecb85504c95a0ca'), False, "_internals.client.prepare_event, _internals.kombu_redis.RedisBulkPublisher.publish_event"),  # 5.6.3: a5dc9eed11022e18; 5.7.0: cecb85504c95a0ca
     ("celery/events/dispatcher.py", "EventDispatcher.send", ('adfcf9b0930f443b', 'f0926b2293574880'), False, "_internals.worker.task_events_on"),  # 5.6.3: adfcf9b0930f443b; 5.7.0: f0926b2293574880
-    ("celery/worker/consumer/tasks.py", "Tasks.start", ('0db82e24ad1e8bbf', '8bc37ce0ce91789e'), False, "worker.bootstep.BatchingStep._disable_prefetch"),  # 5.6.3: 0db82e24ad1e8bbf; 5.7.0: 8bc37ce0ce91789e
+    ("celery/bootsteps.py", "Blueprint.start", ('572ddc1bbc726b77',), False, "_internals.blueprint.attach_step"),  # 5.6.3,5.7.0: 572ddc1bbc726b77
+    ("celery/bootsteps.py", "Blueprint.stop", ('87d72fed144937dc',), False, "_internals.blueprint.attach_step, worker_stopping"),  # 5.6.3,5.7.0: 87d72fed144937dc
+    ("celery/bootsteps.py", "Blueprint.send_all", ('64656cfabc016564',), False, "_internals.blueprint.attach_step"),  # 5.6.3,5.7.0: 64656cfabc016564
+    ("celery/worker/state.py", "maybe_shutdown", ('2cf835161a58ecfa',), False, "_internals.blueprint.worker_stopping"),  # 5.6.3,5.7.0: 2cf835161a58ecfa
+    ("celery/worker/consumer/tasks.py", "Tasks.start", ('0db82e24ad1e8bbf', '8bc37ce0ce91789e'), False, "worker.service.BatchingService._disable_prefetch"),  # 5.6.3: 0db82e24ad1e8bbf; 5.7.0: 8bc37ce0ce91789e
     ("celery/worker/consumer/events.py", "Events.__init__", ('fa2f13ccc0c48e1a',), False, "_internals.worker.task_events_on"),  # 5.6.3,5.7.0: fa2f13ccc0c48e1a
     ("celery/events/state.py", "Task.event", ('df11864befc2e96a',), False, "_internals.events.register_batch_fields (unknown fields kept)"),  # 5.6.3,5.7.0: df11864befc2e96a
     ("celery/events/state.py", "Task.as_dict", ('d85f8c7eca90381e',), False, "_internals.events.register_batch_fields (_fields)"),  # 5.6.3,5.7.0: d85f8c7eca90381e
@@ -155,6 +159,8 @@ def test_mirrored_function_is_the_one_we_mirror(rel, qualname, known, may_be_abs
     "celery.backends.base.BaseKeyValueStoreBackend.get_key_for_task", "celery.result.AsyncResult._set_cache",
     "celery.result.AsyncResult._on_fulfilled",
     "celery.backends.base.Backend.retry_policy", "celery.backends.base.Backend.exception_safe_to_retry",
+    "celery.worker.state.should_stop", "celery.worker.state.should_terminate",
+    "celery.bootsteps.CLOSE", "celery.bootsteps.TERMINATE", "celery.bootsteps.RUN",
 ])
 def test_attribute_we_use_exists(path):
     parts = path.split(".")

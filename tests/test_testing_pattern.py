@@ -23,6 +23,7 @@ from celery.contrib.testing.worker import start_worker
 
 from celery_batched import BatchedTask
 from celery_batched.worker.bootstep import BatchingStep
+from celery_batched.worker.service import BatchingService
 
 from .conftest import REDIS_URL
 
@@ -107,12 +108,13 @@ def test_celery_docs_pattern_task_defined_in_the_test(broker, celery_app, no_bat
     assert results.get(timeout=20) == [2 * i for i in range(8)]
     assert [8] in [[len(c)] for c in calls], calls  # batched: one call of 8 items
     assert pair_sum.starmap_items([(1, 2), (3, 4)]).get(timeout=20) == [3, 7]
-    step = celery_worker.consumer.batching
-    assert isinstance(step, BatchingStep) and step in celery_worker.consumer.steps
+    service = celery_worker.consumer.batching
+    steps = [s for s in celery_worker.consumer.steps if isinstance(s, BatchingStep)]
+    assert isinstance(service, BatchingService) and [s.service for s in steps] == [service]
     assert celery_worker.consumer.steps[-1].last  # still before the event loop's step
     # Started on the consumer's thread, not on the test's (where reload() ran).
-    assert step.thread is not None
-    assert {step.thread.ident} == consumer_threads != {threading.get_ident()}
+    assert service.thread is not None
+    assert {service.thread.ident} == consumer_threads != {threading.get_ident()}
 
 
 @pytest.mark.parametrize("broker", BROKERS)
@@ -126,12 +128,12 @@ def test_late_attached_step_stops_with_the_worker(broker, celery_app, no_batchin
 
         worker.reload()
         assert negate.map_items(range(6)).get(timeout=20) == [0, -1, -2, -3, -4, -5]
-        step = worker.consumer.batching
+        service = worker.consumer.batching
         assert _batching_threads() - before  # its writer (and runner) threads run
         stopped = []
-        shutdown = step.shutdown
-        step.shutdown = lambda c: (stopped.append(c), shutdown(c))
-    assert stopped == [worker.consumer]  # the worker's shutdown reached the late step
+        shutdown = service.shutdown
+        service.shutdown = lambda: (stopped.append(service), shutdown())
+    assert stopped == [service]  # the worker's shutdown reached the late step
     for thread in _batching_threads() - before:
         thread.join(10)
         assert not thread.is_alive(), thread
@@ -149,8 +151,8 @@ def test_step_attached_while_the_worker_starts(broker, celery_app, no_batching_y
     celery_app.steps["consumer"].discard(BatchingStep)  # square's binding added it again
     with start_worker(celery_app, perform_ping_check=False, shutdown_timeout=30) as worker:
         consumer = worker.consumer
-        step = consumer.batching
-        assert isinstance(step, BatchingStep) and step.thread is not None  # started already
+        step, = (s for s in consumer.steps if isinstance(s, BatchingStep))
+        assert consumer.batching is step.service and step.service.thread is not None  # started
         assert consumer.steps.index(step) == len(consumer.steps) - 2  # before the event loop
         assert consumer.blueprint.started == len(consumer.steps)
         assert square.map_items(range(6)).get(timeout=20) == [x * x for x in range(6)]

@@ -6,6 +6,10 @@ NumPy array, like ``model.encode(..., convert_to_numpy=True)``. ``bench.gpusim.f
 same rows without sleeping: what the worker itself costs for vector results. Row *i* is
 :func:`expected_row` of item *i*'s input, so every stored result can be checked.
 
+``BENCH_GPUSIM_DEVICE`` names a lock file that stands for one GPU: every worker given the same
+file serializes its calls' sleeps on it (``fcntl.flock``), as one GPU serializes the kernels of
+the processes that share it, so several workers on one simulated device never beat its limit.
+
 ``BENCH_RESULT_SERIALIZER`` (default ``msgpack``) picks the worker's result serializer; clients
 build an app with the same serializer with :func:`make_app` (a backend decodes results with its
 own app's serializer).
@@ -13,8 +17,11 @@ own app's serializer).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -41,6 +48,21 @@ def per_item_ms() -> float:
     return float(os.environ.get("BENCH_GPUSIM_P_MS", "0.25"))
 
 
+@contextlib.contextmanager
+def device() -> Iterator[None]:
+    """Hold the simulated GPU (``BENCH_GPUSIM_DEVICE``) for one call; nothing if unset."""
+    path = os.environ.get("BENCH_GPUSIM_DEVICE")
+    if not path:
+        yield
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def rows(xs: list[int]) -> np.ndarray:
     """One row per item: ``x + 0.25 * j`` for j in 0..383 (float32)."""
     return np.asarray(xs, dtype=np.float32)[:, None] + _OFFSETS[None, :]
@@ -60,7 +82,8 @@ def make_app(serializer: str) -> Celery:
     @app.task(name=MODEL_TASK, base=BatchedTask, max_batch_size=MAX_BATCH_SIZE, wait_ms=WAIT_MS,
               shared=False)
     def model(xs: list[int]) -> Any:
-        time.sleep((f_ms + p_ms * len(xs)) / 1000.0)  # the "GPU" runs; this process is idle
+        with device():
+            time.sleep((f_ms + p_ms * len(xs)) / 1000.0)  # the "GPU" runs; this process idles
         return rows(xs)
 
     @app.task(name=FREE_TASK, base=BatchedTask, max_batch_size=MAX_BATCH_SIZE, wait_ms=WAIT_MS,

@@ -53,6 +53,33 @@ def decode_body(body: Any, content_type: str | None, content_encoding: str | Non
         decoded = _hooked_decode(text) if '"__type__"' in text else _plain_decode(text)
     else:
         decoded = kombu_loads(body, content_type, content_encoding, accept=accept)
+    return split_body(decoded)
+
+
+def decode_json_bodies(bodies: Sequence[Any]) -> list[Any] | None:
+    """Many JSON message bodies (bytes) decoded in one call, as ``decode_body`` decodes each; None
+    when that can't be done safely at once (a body kombu's hook would rewrite, a body that is
+    not one JSON value, undecodable text) -- the caller then decodes each alone, so a bad item
+    fails alone. One C-level decode of the joined text costs a third of 128 separate ones."""
+    try:
+        text = b"[%s]" % b",".join(bodies)
+        joined = text.decode("utf-8")
+    except (TypeError, UnicodeDecodeError):
+        return None
+    if '"__type__"' in joined:
+        return None
+    try:
+        decoded = _plain_decode(joined)
+    except ValueError:
+        return None
+    # A body such as ``1, 2`` would shift every later item: only one value per body counts.
+    if len(decoded) != len(bodies):
+        return None
+    return decoded
+
+
+def split_body(decoded: Any) -> tuple[Sequence[Any], dict[str, Any], dict[str, Any] | None]:
+    """A decoded body -> ``(args, kwargs, embed)`` (protocol 2, or a protocol-1 style dict)."""
     if isinstance(decoded, dict):
         args, kwargs = decoded.get("args", ()), decoded.get("kwargs", {})
         if not isinstance(kwargs, dict):

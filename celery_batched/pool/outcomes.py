@@ -67,10 +67,19 @@ class ItemOutcomes:
             accept = _accept_cache[id(task.app)] = worker.accepted_content_types(task.app)
         bind = task._batch_spec.bind_item
         rows = []
-        for i, (headers, body, content_type, content_encoding, _) in enumerate(self.items):
+        items = self.items
+        joined = None
+        if "application/json" in accept and all(
+                it[2] == "application/json" and it[3] == "utf-8" and type(it[1]) is bytes
+                for it in items):
+            joined = trace.decode_json_bodies([it[1] for it in items])
+        for i, (headers, body, content_type, content_encoding, _) in enumerate(items):
             try:
-                args, kwargs, embed = self.decoded[i] = trace.decode_body(
-                    body, content_type, content_encoding, accept)
+                if joined is not None:
+                    args, kwargs, embed = self.decoded[i] = trace.split_body(joined[i])
+                else:
+                    args, kwargs, embed = self.decoded[i] = trace.decode_body(
+                        body, content_type, content_encoding, accept)
             except Exception as exc:
                 self.errors[i] = ItemDecodeError(
                     f"{task.name}[{headers.get('id')}]: this item's message body could not be "

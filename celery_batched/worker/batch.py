@@ -10,10 +10,14 @@ import itertools
 import time
 import uuid
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from ..protocol import BatchedTaskLike
 from .buffer import FlushReason
 from .prefetch import TaskCredit
+
+if TYPE_CHECKING:
+    from .item import Item
 
 _batch_ids = itertools.count(1)
 _id_prefix = uuid.uuid4().hex[:6]
@@ -25,7 +29,7 @@ class Batch:
     __slots__ = ("id", "task", "items", "credit", "reason", "first_buffered_at", "flushed_at",
                  "want_repr", "preset_errors", "_waits")
 
-    def __init__(self, task: Any, items: Sequence[Any], credit: TaskCredit, reason: FlushReason,
+    def __init__(self, task: BatchedTaskLike, items: Sequence[Item], credit: TaskCredit, reason: FlushReason,
                  want_repr: bool) -> None:
         self.id = f"{_id_prefix}-{next(_batch_ids)}"
         self.task = task

@@ -28,11 +28,14 @@ import itertools
 import threading
 from collections.abc import Callable, Hashable
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..spec import BatchSpec
 from .latency import LatencyModel
 from .prefetch import TaskCredit
+
+if TYPE_CHECKING:
+    from .item import Item
 
 
 class FlushReason(StrEnum):
@@ -54,7 +57,7 @@ class TimerLike(Protocol):
     def call_after(self, secs: float, fun: Callable[..., Any], args: tuple[Any, ...] = ...) -> Any: ...
 
 
-Flush = Callable[[list[Any], TaskCredit, FlushReason], None]
+Flush = Callable[[list["Item"], TaskCredit, FlushReason], None]
 
 _generations = itertools.count(1)
 
@@ -65,7 +68,7 @@ class _Open:
     __slots__ = ("items", "cost", "first_at", "generation", "timer", "deadline", "due")
 
     def __init__(self, first_at: float) -> None:
-        self.items: list[Any] = []
+        self.items: list[Item] = []
         self.cost = 0.0
         self.first_at = first_at
         self.generation = next(_generations)
@@ -100,9 +103,9 @@ class BatchBuffer:
     def open_keys(self) -> int:
         return len(self._open)
 
-    def put(self, item: Any, key: Hashable = None, cost: float = 0.0) -> None:
+    def put(self, item: Item, key: Hashable = None, cost: float = 0.0) -> None:
         self.credit.hold()
-        flushes: list[tuple[list[Any], FlushReason]] = []
+        flushes: list[tuple[list[Item], FlushReason]] = []
         with self._lock:
             batch = self._open.get(key)
             if batch is None:
@@ -128,14 +131,14 @@ class BatchBuffer:
         for items, reason in flushes:
             self._flush(items, self.credit, reason)
 
-    def put_alone(self, item: Any) -> None:
+    def put_alone(self, item: Item) -> None:
         """An item that can't join a batch (its key or cost could not be computed): a batch of
         its own, now. The function is not called for it."""
         self.credit.hold()
         self._flush([item], self.credit, FlushReason.INVALID)
 
     def _plan(self, key: Hashable, batch: _Open, now: float,
-              flushes: list[tuple[list[Any], FlushReason]]) -> None:
+              flushes: list[tuple[list[Item], FlushReason]]) -> None:
         """``max_latency_ms``: flush now, or (re)arm the timer for the batch's deadline."""
         latency = self.latency
         assert latency is not None
@@ -158,7 +161,7 @@ class BatchBuffer:
         """New options on a running worker (``configure_batching``). Open batches that are now
         full or over the cost bound are flushed at once, in batches of the new size; clocks
         already running keep their deadline."""
-        flushes: list[list[Any]] = []
+        flushes: list[list[Item]] = []
         with self._lock:
             self.spec = spec
             self._max_size = spec.max_batch_size
@@ -177,10 +180,10 @@ class BatchBuffer:
         for items in flushes:
             self._flush(items, self.credit, FlushReason.RECONFIGURED)
 
-    def take_all(self) -> list[Any]:
+    def take_all(self) -> list[Item]:
         """Empty the buffer without flushing (the worker is stopping or lost its connection)."""
         with self._lock:
-            items: list[Any] = []
+            items: list[Item] = []
             for key in list(self._open):
                 items += self._take(key)
             return items
@@ -209,7 +212,7 @@ class BatchBuffer:
         reason = FlushReason.WAIT if self.latency is None else FlushReason.LATENCY
         self._flush(items, self.credit, reason)
 
-    def _take(self, key: Hashable) -> list[Any]:
+    def _take(self, key: Hashable) -> list[Item]:
         batch = self._open.pop(key)
         if batch.timer is not None:
             batch.timer.cancel()

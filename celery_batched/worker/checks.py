@@ -14,6 +14,7 @@ from kombu.exceptions import EncodeError, SerializerNotInstalled
 from kombu.serialization import dumps
 
 from ..errors import WorkerConfigurationError
+from ..protocol import BatchedTaskLike
 
 logger = logging.getLogger(__name__)
 
@@ -21,7 +22,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_VISIBILITY_TIMEOUT_S = 3600
 
 
-def batched_tasks(app: Any) -> list[Any]:
+def batched_tasks(app: Any) -> list[BatchedTaskLike]:
     return [t for t in app.tasks.values() if getattr(t, "_batch_spec", None) is not None]
 
 
@@ -62,7 +63,7 @@ def check_result_serializer(app: Any) -> None:
             f"result_serializer to 'json'.") from exc
 
 
-def check_visibility_timeout(app: Any, tasks: list[Any], slots: int = 1) -> None:
+def check_visibility_timeout(app: Any, tasks: list[BatchedTaskLike], slots: int = 1) -> None:
     """Redis redelivers a message unacknowledged for ``visibility_timeout``: a batched item that
     can stay unacknowledged longer would run twice, or forever.
 

@@ -13,17 +13,19 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from billiard.einfo import ExceptionInfo
 from celery.utils.log import get_logger
 
 from .._internals import trace, worker
 from .._internals.events import BatchEventer
 from .._internals.kombu_redis import ack_many
 from ..observers import BatchOutcome, Observers
-from ..protocol import BatchReply, Outcome
+from ..protocol import BatchedTaskLike, BatchReply, Outcome
 from .writer import Written
 
 if TYPE_CHECKING:
     from .batch import Batch
+    from .item import Item
 
 logger = get_logger("celery_batched.batches")
 
@@ -36,7 +38,7 @@ class Completion:
         self._ack = ack  # ConsumerThread.call_ack
         self.observers = observers
 
-    def _events_on(self, task: Any) -> bool:
+    def _events_on(self, task: BatchedTaskLike) -> bool:
         return worker.task_events_on(self.consumer.event_dispatcher, task)
 
     def accepted(self, batch: Batch, pid: int, time_accepted: float) -> None:
@@ -110,7 +112,7 @@ class Completion:
             handed_back + len(lost), reply.runtime))
         batch.credit.release(len(items))
 
-    def failed(self, batch: Batch, exc_info: Any) -> None:
+    def failed(self, batch: Batch, exc_info: ExceptionInfo) -> None:
         """The pool lost the job (worker lost, terminated, hard time limit): Celery's handling,
         except that no item is acknowledged before its failure is stored."""
         events = self._events_on(batch.task)
@@ -133,7 +135,7 @@ class Completion:
         for item in batch.items:
             self._handle(batch, item, events, "on_timeout", (soft, timeout))
 
-    def _handle(self, batch: Batch, item: Any, events: bool, handler: str, args: tuple[Any, ...],
+    def _handle(self, batch: Batch, item: Item, events: bool, handler: str, args: tuple[Any, ...],
                 stored: bool = False) -> bool:
         """Celery's ``Request.<handler>(*args)`` for one item, its acknowledgement held until
         the handler returned; True if the item went back to the broker instead.
@@ -170,12 +172,12 @@ class Completion:
         worker.task_ready(item)
         return False
 
-    def _hand_back(self, item: Any) -> None:
+    def _hand_back(self, item: Item) -> None:
         self._ack(_guard, item.reject, True)
         worker.task_ready(item)
 
     @staticmethod
-    def _request(batch: Batch, item: Any, events: bool) -> Any:
+    def _request(batch: Batch, item: Item, events: bool) -> Any:
         """The item's Celery ``Request``, whose own events carry the batch fields."""
         req = item.request()
         if events:
@@ -210,7 +212,7 @@ def _guard(handler: Callable[..., Any], *args: Any) -> None:
 
 
 
-def batch_fields(batch: Batch, item: Any) -> dict[str, Any]:
+def batch_fields(batch: Batch, item: Item) -> dict[str, Any]:
     """Which batch an item ran in, for its events (``_internals.events.BATCH_FIELDS``)."""
     return {"batch_id": batch.id, "batch_size": len(batch.items), "flush_reason": batch.reason,
             "buffer_wait_ms": round((batch.flushed_at - item.buffered_at) * 1000.0, 1)}

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from billiard.einfo import ExceptionInfo
 from celery.utils.log import get_logger
 
 from .._internals import worker
@@ -21,6 +22,7 @@ from .batch import Batch
 from .buffer import FlushReason
 from .completion import Completion, batch_fields
 from .handoff import ConsumerThread
+from .item import Item
 from .prefetch import TaskCredit
 from .writer import ResultWriter
 
@@ -48,7 +50,7 @@ class BatchDispatcher:
         """Every pool process has a batch (running, or queued for it)."""
         return self.in_flight >= self.slots()
 
-    def __call__(self, items: list[Any], credit: TaskCredit, reason: FlushReason) -> None:
+    def __call__(self, items: list[Item], credit: TaskCredit, reason: FlushReason) -> None:
         live = [it for it in items if not it.revoked()]  # revoked/expired: marked REVOKED, acked
         if len(live) < len(items):
             credit.release(len(items) - len(live))
@@ -84,7 +86,7 @@ class BatchDispatcher:
             self.in_flight -= 1
             self.observers.finished(batch, BatchOutcome(0, 0, 0, len(live), None))
 
-    def _done(self, batch: Batch, reply: Any) -> None:
+    def _done(self, batch: Batch, reply: BatchReply | ExceptionInfo) -> None:
         self.in_flight -= 1
         if not isinstance(reply, BatchReply):  # threads/solo report a lost job as an ExceptionInfo
             self.completion.failed(batch, reply)
@@ -96,14 +98,10 @@ class BatchDispatcher:
                 self.completion.finished(batch, reply, None)
         self.on_slot_free()
 
-    def _failed(self, batch: Batch, exc_info: Any) -> None:
+    def _failed(self, batch: Batch, exc_info: ExceptionInfo) -> None:
         self.in_flight -= 1
         self.completion.failed(batch, exc_info)
         self.on_slot_free()
-
-    def written(self, batch: Batch, reply: BatchReply, written: Any) -> None:
-        """The writer stored the batch's results (writer thread): complete it on the consumer."""
-        self.thread.call(self.completion.finished, batch, reply, written)
 
 
 def _batch_meta(batch: Batch) -> dict[str, dict[str, Any]]:

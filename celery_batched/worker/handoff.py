@@ -29,6 +29,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from .._internals import blueprint
 from .in_flight import InFlight
 
 logger = logging.getLogger(__name__)
@@ -162,7 +163,7 @@ class ConsumerThread:
         self.run_pending()
 
     def _on_hub_close(self, hub: Any) -> None:
-        if not _worker_stopping(self.consumer):
+        if not blueprint.worker_stopping(self.consumer):
             self.run_pending()  # a reconnect resets the loop: the worker goes on
             return
         drain, timeout = self._drain_at_close or ((lambda _: True), 0.0)
@@ -197,14 +198,3 @@ def _run(fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
     except Exception:
         logger.exception("celery_batched: %s raised on the consumer thread",
                          getattr(fn, "__qualname__", fn))
-
-
-def _worker_stopping(consumer: Any) -> bool:
-    """The worker is shutting down (not a reconnect resetting the event loop)."""
-    from celery import bootsteps
-    from celery.worker import state
-
-    blueprint = getattr(getattr(consumer, "controller", None), "blueprint", None)
-    return bool(state.should_stop is not None and state.should_stop is not False
-                or state.should_terminate is not None and state.should_terminate is not False
-                or (blueprint is not None and blueprint.state in (bootsteps.CLOSE, bootsteps.TERMINATE)))

@@ -18,7 +18,7 @@ from celery.utils.log import get_logger
 from celery.worker.state import revoked as revoked_tasks
 
 from .._internals import trace, worker
-from ..protocol import WireItem
+from ..protocol import BatchedTaskLike, WireItem
 
 logger = get_logger(__name__)
 
@@ -27,7 +27,7 @@ logger = get_logger(__name__)
 class ItemSource:
     """What every item of one batched task shares on one connection."""
 
-    task: Any
+    task: BatchedTaskLike
     #: Builds the Celery ``Request`` of an item (``create_request_cls``'s class, bound).
     build_request: Callable[[Item], Any]
     connection_errors: tuple[type[BaseException], ...]
@@ -58,7 +58,7 @@ class Item:
         self.error: BaseException | None = None
 
     @property
-    def task(self) -> Any:
+    def task(self) -> BatchedTaskLike:
         return self.source.task
 
     @property

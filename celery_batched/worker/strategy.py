@@ -7,7 +7,7 @@ the buffer as an :class:`~celery_batched.worker.item.Item` -- headers and the st
 -- and keeps what users see: the revoke and expiry checks, the ``task_received`` signal, the
 ``task-received`` event, the accept-content check, ETA handling. A ``Request`` is built only for
 ETA items, legacy (protocol 1) messages and ``task_received`` receivers, which expect one.
-Rate limits (token buckets per message) are refused for batched tasks: see ``bootstep.py``.
+Rate limits (token buckets per message) are refused for batched tasks: see ``control.py``.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def batching_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Any:
     kombu_accept = app.conf.accept_content and worker.accepted_content_types(app)
     utc = app.uses_utc_timezone()
     task_scheduled = getattr(worker_state, "task_scheduled", None)  # Celery >= 5.6
-    buffer_for = batching.buffer_for
+    buffer_for = batching.buffers.for_task
     spec = task._batch_spec
     policy = spec.policy
     on_task_message = consumer.on_task_message

@@ -20,11 +20,12 @@ from typing import TYPE_CHECKING, Any
 from .._internals import redis_results, trace
 from ..encoding import MetaEncoder, bounded_repr, plain
 from ..errors import ItemResultEncodeError
-from ..protocol import BatchReply, Outcome
+from ..protocol import BatchedTaskLike, BatchReply, Outcome
 from .in_flight import InFlight
 
 if TYPE_CHECKING:
     from .batch import Batch
+    from .item import Item
 
 logger = logging.getLogger(__name__)
 
@@ -36,10 +37,10 @@ Written = list[tuple[Outcome, Any]]
 class ResultWriter:
     """One thread that stores the batches' successes, in the order they finished."""
 
-    def __init__(self) -> None:
-        #: Where each stored batch goes (the dispatcher, which is built with this writer).
-        self.on_written: Callable[[Any, BatchReply, Written], None] = _unwired
-        self._queue: queue.SimpleQueue[tuple[Any, BatchReply] | None] = queue.SimpleQueue()
+    def __init__(self, on_written: Callable[[Batch, BatchReply, Written], None]) -> None:
+        #: Where each stored batch goes: to the consumer's thread, for its acks.
+        self.on_written = on_written
+        self._queue: queue.SimpleQueue[tuple[Batch, BatchReply] | None] = queue.SimpleQueue()
         self._in_flight = InFlight()
         self._encoders: dict[int, MetaEncoder] = {}
         self._thread = threading.Thread(target=self._run, name="celery-batched-writer", daemon=True)
@@ -119,7 +120,7 @@ class ResultWriter:
             written[k] = self._fail_unencodable(task, items[k], reply.extras.get(index[k]), cause)
         return written
 
-    def _store_one(self, task: Any, item: Any, value: Any, embed: Any) -> tuple[Outcome, Any]:
+    def _store_one(self, task: BatchedTaskLike, item: Item, value: Any, embed: Any) -> tuple[Outcome, Any]:
         ctx = trace.make_context(item.headers, (), {}, embed, (None,) * 6, None)
         try:
             trace.write_retried(task.backend, task.backend.store_result, item.id, value,
@@ -130,7 +131,7 @@ class ResultWriter:
             return self._fail_unencodable(task, item, embed, exc)
         return (Outcome.DONE, None)
 
-    def _fail_unencodable(self, task: Any, item: Any, embed: Any,
+    def _fail_unencodable(self, task: BatchedTaskLike, item: Item, embed: Any,
                           cause: BaseException) -> tuple[Outcome, Any]:
         """A result the serializer can't encode fails its item alone (errbacks included)."""
         exc = ItemResultEncodeError(
@@ -149,7 +150,3 @@ class ResultWriter:
             return (Outcome.UNSTORED, f"{type(store_exc).__name__}: {store_exc}")
         trace.failure_hooks(task, ctx, einfo)
         return (Outcome.FAILED, einfo)
-
-
-def _unwired(batch: Batch, reply: BatchReply, written: Written) -> None:
-    raise RuntimeError("ResultWriter.on_written was never set")
