@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # The CPU build; a plain `torch` requirement would pull a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test test-matrix install services bench lock
+.PHONY: demo test test-matrix install services bench lock docs dist
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -36,3 +36,13 @@ bench: install services
 # Regenerate the container images' pinned requirements (requirements/*.txt).
 lock: install
 	$(PY) scripts/compose_lock.py
+
+# The documentation site, strictly: a warning (broken link or reference, missing include) fails it.
+docs: install
+	$(PY) -m sphinx -W -n --keep-going -q -b html docs docs/_build/html
+
+# The release files (dist/), checked as PyPI would render and accept them.
+dist: install
+	rm -rf dist
+	$(PY) -m build --sdist --wheel --outdir dist .
+	$(PY) -m twine check --strict dist/*

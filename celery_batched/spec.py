@@ -238,12 +238,12 @@ class Option:
     meaning: str
     #: The check ``BatchSpec.reconfigured`` runs; None: fixed when the task is defined.
     runtime_check: Callable[[Any, str], Any] | None = None
-    #: The default as the README shows it, where its repr doesn't say it.
+    #: The default as the docs' options table shows it, where its repr doesn't say it.
     default_text: str | None = None
 
 
 #: Every batching option: what ``BatchedTask`` declares, what ``configure_batching`` may change
-#: (and its command-line signature), and the README's options table all read this one table.
+#: (and its command-line signature), and the docs' options table all read this one table.
 OPTIONS: Final[tuple[Option, ...]] = (
     Option("max_batch_size", DEFAULT_MAX_BATCH_SIZE, "most items per call (int ≥ 1)",
            check_max_batch_size),
@@ -252,7 +252,7 @@ OPTIONS: Final[tuple[Option, ...]] = (
     Option("isolate_failures", False, "when the whole call raises, re-run the batch split in "
            "halves until the failing items are alone (see below)"),
     Option("batch_key", None, "items with different keys never share a batch: a parameter's "
-           "name, or a function of one item's arguments ([Batching policies](#batching-policies))"),
+           "name, or a function of one item's arguments ([Batching policies](policies.md))"),
     Option("max_open_keys", DEFAULT_MAX_OPEN_KEYS, "most keys with items waiting at once; a new "
            "key beyond it flushes the batch that waited longest", check_max_open_keys),
     Option("batch_cost", None, "a function of one item's arguments giving its cost (say, "
@@ -273,7 +273,8 @@ RECONFIGURABLE: Final[dict[str, Callable[[Any, str], Any]]] = {
 
 
 def options_table() -> str:
-    """The README's options table (``tests/test_behaviour.py`` checks the README holds it)."""
+    """The options table of docs/writing-tasks.md (``tests/test_behaviour.py`` checks the page
+    holds it)."""
     rows = ["| option | default | on a running worker | meaning |", "|---|---|---|---|"]
     for o in OPTIONS:
         default = o.default_text or f"`{o.default!r}`"

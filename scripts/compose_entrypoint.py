@@ -38,7 +38,7 @@ def _required(env: Mapping[str, str], name: str) -> str:
     value = env.get(name, "")
     if not value:
         raise ConfigError(f"{name} is not set: copy .env.example to .env and fill it in "
-                          f"(README, Containers)")
+                          f"(docs/production.md, Containers)")
     return value
 
 

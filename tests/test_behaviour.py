@@ -92,7 +92,7 @@ def test_definition_errors_name_the_task_and_the_fix(case, how):
         app.finalize()
         with pytest.raises(expected) as err:
             app.task(base=BatchedTask, name=name, shared=False, **options)(fun)
-    elif how == "lazy app":  # README: a lazy task reports it when the app finalizes (first use)
+    elif how == "lazy app":  # docs (known limits): a lazy task reports it when the app finalizes (first use)
         app.task(base=BatchedTask, name=name, shared=False, **options)(fun)
         with pytest.raises(expected) as err:
             app.tasks  # noqa: B018  (first use finalizes the app)
@@ -456,9 +456,9 @@ def test_acks_run_on_the_consumer_thread_with_a_threads_pool(redis_client, queue
     assert sum(1 for r in records if r.startswith("QoS.ack:")) >= 200, Counter(records)
 
 
-def test_one_options_table_feeds_the_task_the_control_command_and_the_readme():
+def test_one_options_table_feeds_the_task_the_control_command_and_the_docs():
     """``spec.OPTIONS`` is the one table: BatchedTask's defaults, what configure_batching may
-    change (and its command-line signature), and the README's options table."""
+    change (and its command-line signature), and the options table of docs/writing-tasks.md."""
     from celery.worker.control import Panel
 
     from celery_batched import BatchedTask
@@ -468,8 +468,8 @@ def test_one_options_table_feeds_the_task_the_control_command_and_the_readme():
         assert getattr(BatchedTask, option.name) == option.default, option.name
     signature = Panel.meta["configure_batching"].signature
     assert signature.endswith("(" + ", ".join(RECONFIGURABLE) + ")"), signature
-    readme = (ROOT / "README.md").read_text()
+    page = (ROOT / "docs" / "writing-tasks.md").read_text()
     begin, end = "<!-- options:begin", "<!-- options:end -->"
-    shown = readme[readme.index(begin):readme.index(end)]
+    shown = page[page.index(begin):page.index(end)]
     assert shown.split("\n", 1)[1].strip() == options_table(), \
-        "README.md's options table is not celery_batched/spec.py's OPTIONS"
+        "docs/writing-tasks.md's options table is not celery_batched/spec.py's OPTIONS"

@@ -1,4 +1,4 @@
-"""How users test their batched tasks: the README's "Testing your batched tasks".
+"""How users test their batched tasks: docs/testing.md.
 
 * Celery's documented pattern (``celery.contrib.pytest``): the ``celery_app`` and
   ``celery_worker`` fixtures, a batched task defined inside the test, ``celery_worker.reload()``,
@@ -7,17 +7,14 @@
   started on the consumer's thread by the first message.
 * ``celery.contrib.testing.worker.start_worker(app)`` with a module-level batched task.
 * ``task_always_eager``: one item at a time, as a batch of one.
-* The README's example itself, extracted from README.md and run with pytest.
+* The page's example itself (docs/examples/test_tasks.py) runs in tests/test_docs.py, with the
+  docs' other examples.
 """
 
 from __future__ import annotations
 
-import re
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -30,7 +27,6 @@ from celery_batched.worker.service import BatchingService
 
 from .conftest import REDIS_URL
 
-ROOT = Path(__file__).resolve().parent.parent
 
 #: kombu's in-process broker (no event loop: Celery's synloop) and Redis (an event loop), set
 #: with the ``celery`` mark that ``celery_app`` reads.
@@ -215,24 +211,3 @@ def test_cache_memory_backend(celery_app, celery_worker) -> None:
 
     celery_worker.reload()
     assert double.delay(21).get(timeout=5) == 42
-
-
-def readme_example() -> str:
-    """The first Python block of README.md's "Testing your batched tasks"."""
-    text = (ROOT / "README.md").read_text()
-    section = re.search(r"^### Testing your batched tasks\n(.*?)(?=^##)", text, re.S | re.M)
-    assert section, "README.md has no '### Testing your batched tasks' subsection"
-    block = re.search(r"```python\n(.*?)```", section.group(1), re.S)
-    assert block, "no python block in it"
-    return block.group(1)
-
-
-def test_readme_example_runs(tmp_path: Path) -> None:
-    code = readme_example()
-    (tmp_path / "test_readme_example.py").write_text(code)
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "no:celery", "-p", "celery.contrib.pytest",
-         "-p", "no:cacheprovider", "--timeout=120", "-q", "-rA", "test_readme_example.py"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert re.search(r"\b[3-9] passed\b", proc.stdout), proc.stdout

@@ -6,14 +6,15 @@ it and checks the invariants every cell shares:
 
 * every item ends stored -- SUCCESS, FAILURE or REVOKED, the state its kind expects -- once the
   fault is over: none is acknowledged without a stored outcome (it would stay PENDING);
-* no item runs more often than ``max_runs`` allows (the README's "may run twice" column);
+* no item runs more often than ``max_runs`` allows (the "may run twice" column of
+  docs/guarantees.md);
 * with a backlog, batches fill (mean batch >= 75 % of ``max_batch_size``) and unacknowledged
-  messages stay within the README's bound.
+  messages stay within the bound docs/guarantees.md states.
 
 Not every product of the axes: a cell exists where a broker, backend, pool, fault or outcome
-takes a path of its own. ``readme_tables()`` renders the README's "Delivery guarantees" and
-"Brokers, backends and pools" tables from this table (``test_readme_tables_come_from_the_matrix``
-checks the README holds exactly that).
+takes a path of its own. ``guarantee_tables()`` renders the "Delivery guarantees" page's
+situation and "broker \\ result backend" tables from this table (``PAGE``;
+``test_guarantee_tables_come_from_the_matrix`` checks the page holds exactly that).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ DEFAULT_RUNS = {"retry": 2, "retry3": 4, "autoretry": 2, "expire": 0, "revoke": 
 @dataclass(frozen=True)
 class Cell:
     id: str
-    #: The README row this cell shows (``SITUATIONS``).
+    #: The guarantees page's row this cell shows (``SITUATIONS``).
     situation: str
     broker: str = "redis"        # redis | sentinel | rabbitmq | quorum
     backend: str = "redis"       # redis | postgres (psycopg2) | psycopg3 | rpc
@@ -59,7 +60,7 @@ class Cell:
     expect: dict[str, Any] = field(default_factory=dict)
     #: Most runs per item, per kind (default DEFAULT_RUNS, else 1); "*" for every kind.
     max_runs: dict[str, int] = field(default_factory=dict)
-    #: Where the README's "may run twice" column comes from, in words.
+    #: Where the guarantees page's "may run twice" column comes from, in words.
     twice: str = "nothing"
     #: Most calls of the function over the whole cell (None: not counted).
     max_calls: int | None = None
@@ -74,7 +75,7 @@ class Cell:
         return set(state) if isinstance(state, (set, frozenset, tuple)) else {state}
 
 
-#: What happens to the items, per README row (the cells that show it are listed beside it).
+#: What happens to the items, per row of the guarantees page (the cells that show it are listed beside it).
 SITUATIONS: dict[str, str] = {
     "plain": "every item's own state and result; batches fill from a backlog",
     "failures": "the failing items FAILURE alone, their neighbours SUCCESS",
@@ -220,7 +221,8 @@ BROKERS = {"redis": "Redis", "sentinel": "Redis Sentinel", "rabbitmq": "RabbitMQ
 BACKENDS = {"redis": "Redis", "sentinel": "Redis Sentinel",
             "postgres": "PostgreSQL (`db+postgresql+psycopg2://`)",
             "psycopg3": "PostgreSQL (`db+postgresql+psycopg://`, psycopg 3)", "rpc": "`rpc://`"}
-#: Marks the generated tables in README.md (``test_readme_tables_come_from_the_matrix``).
+#: The page that shows the generated tables, and its markers around them.
+PAGE = "docs/guarantees.md"
 BEGIN, END = "<!-- matrix:begin (generated from tests/matrix/cells.py) -->", "<!-- matrix:end -->"
 
 
@@ -234,8 +236,8 @@ def _where(cell: Cell) -> str:
     return "`" + " ".join(parts + extra) + "`"
 
 
-def readme_tables() -> str:
-    """The README's matrix tables: what happens per situation, and what runs where."""
+def guarantee_tables() -> str:
+    """The matrix tables of ``PAGE``: what happens per situation, and what runs where."""
     lines = [BEGIN, "", "| situation | what happens to the items | may run twice | cells |",
              "|---|---|---|---|"]
     for situation, what in SITUATIONS.items():
@@ -256,19 +258,19 @@ def readme_tables() -> str:
     return "\n".join(lines)
 
 
-def write_readme(path: str = "README.md") -> None:
-    """Put the current tables between the README's markers."""
+def write_page(path: str = PAGE) -> None:
+    """Put the current tables between the page's markers."""
     with open(path) as f:
         text = f.read()
     start, end = text.index(BEGIN), text.index(END) + len(END)
     with open(path, "w") as f:
-        f.write(text[:start] + readme_tables() + text[end:])
+        f.write(text[:start] + guarantee_tables() + text[end:])
 
 
 if __name__ == "__main__":  # python -m tests.matrix.cells [--write]
     import sys
 
     if "--write" in sys.argv:
-        write_readme()
+        write_page()
     else:
-        print(readme_tables())
+        print(guarantee_tables())

@@ -1,5 +1,5 @@
 """The configuration x fault matrix (``cells.py``), each cell a real worker checked against the
-same invariants; and the README's guarantee tables, rendered from the same cells."""
+same invariants; and the guarantee tables of docs/guarantees.md, rendered from the same cells."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 from .. import report
 from ..workers import ROOT
-from .cells import BEGIN, CELLS, END, SITUATIONS, Cell, readme_tables
+from .cells import BEGIN, CELLS, END, PAGE, SITUATIONS, Cell, guarantee_tables
 from .scenario import MAX_BATCH_SIZE, Scenario
 
 #: Celery's own prefetch per pool process (worker_prefetch_multiplier's default).
@@ -84,20 +84,20 @@ def check(cell: Cell, scenario: Scenario, states: dict) -> None:
 
 
 def unacked_bound(cell: Cell) -> int:
-    """The README's bound: max_batch_size x (processes + 2) + Celery's own prefetch (one per
+    """The bound docs/guarantees.md states: max_batch_size x (processes + 2) + Celery's own prefetch (one per
     process with worker_prefetch_multiplier=0); RabbitMQ's sampled count trails the acks."""
     multiplier = cell.settings.get("worker_prefetch_multiplier", CELERY_PREFETCH) or 1
     slack = MAX_BATCH_SIZE if cell.broker in ("rabbitmq", "quorum") else 0
     return MAX_BATCH_SIZE * (cell.concurrency + 2) + multiplier * cell.concurrency + slack
 
 
-def test_readme_tables_come_from_the_matrix() -> None:
-    """The README's guarantee and configuration tables are the ones these cells render: a row
-    can't claim what no cell shows, and every situation has a cell."""
+def test_guarantee_tables_come_from_the_matrix() -> None:
+    """The guarantee and configuration tables of docs/guarantees.md are the ones these cells
+    render: a row can't claim what no cell shows, and every situation has a cell."""
     assert {c.situation for c in CELLS} == set(SITUATIONS), \
-        "every README situation needs a cell, and every cell a README situation"
-    readme = (ROOT / "README.md").read_text()
-    assert BEGIN in readme and END in readme, "README.md lost the matrix's markers"
-    shown = readme[readme.index(BEGIN):readme.index(END) + len(END)]
-    assert shown == readme_tables(), \
-        "README.md's matrix tables are not tests/matrix/cells.py's: run `python -m tests.matrix.cells --write`"
+        "every situation on the guarantees page needs a cell, and every cell a situation"
+    page = (ROOT / PAGE).read_text()
+    assert BEGIN in page and END in page, f"{PAGE} lost the matrix's markers"
+    shown = page[page.index(BEGIN):page.index(END) + len(END)]
+    assert shown == guarantee_tables(), \
+        f"{PAGE}'s matrix tables are not tests/matrix/cells.py's: run `python -m tests.matrix.cells --write`"
