@@ -57,7 +57,7 @@ class TimerLike(Protocol):
     def call_after(self, secs: float, fun: Callable[..., Any], args: tuple[Any, ...] = ...) -> Any: ...
 
 
-Flush = Callable[[list[Item], TaskCredit, FlushReason], None]
+Flush = Callable[[list["Item"], TaskCredit, FlushReason], None]
 
 _generations = itertools.count(1)
 
