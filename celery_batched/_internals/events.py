@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 #: The fields an item's events carry about its batch.
-BATCH_FIELDS = ("batch_id", "batch_size", "buffer_wait_ms", "flush_reason", "batch_runtime")
+BATCH_FIELDS = ("batch_id", "batch_size", "buffer_wait_ms", "flush_reason", "batch_runtime_s")
 
 
 class BatchEventer:
