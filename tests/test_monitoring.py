@@ -210,6 +210,16 @@ def test_flower_task_page_shows_the_batch(redis_client, queue, start_worker, tmp
         assert rows["Batch size"] == "4" and rows["Flush reason"] == "size", rows
         assert re.fullmatch(rf"{re.escape(worker.hostname)}:[0-9a-f]{{6}}-\d+", rows["Batch id"]), rows
         assert float(rows["Buffer wait ms"]) >= 0 and float(rows["Batch runtime s"]) > 0, rows
+        # An innocent item of a batch whose function raised: its page names the batch, the
+        # batch's runtime, and (in the traceback) that the error may be a neighbour's.
+        failed = [monitoring.strict.apply_async((x,), queue=queue) for x in ("ok", 3)]
+        for r in failed:
+            r.get(timeout=15, propagate=False)
+        html = wait_for(lambda: (lambda h: h if "Batch runtime s" in h else "")(
+            page(f"/task/{failed[0].id}")), 15, what="the failed item's page with its batch")
+        rows = dict(re.findall(r"<dt>([^<]+)</dt>\s*<dd>\s*([^<]*?)\s*</dd>", html))
+        assert rows["Batch size"] == "2" and float(rows["Batch runtime s"]) > 0, rows
+        assert f"raised this for the whole batch {rows['Batch id']} (2 items)" in html
     finally:
         flower.terminate()
         try:
