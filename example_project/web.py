@@ -50,7 +50,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from celery import states
-from celery.result import AsyncResult
 from fastapi import FastAPI, HTTPException
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
@@ -254,8 +253,7 @@ async def embed_text(body: EmbedRequest) -> Any:
 
 def _task_status(task_id: str) -> TaskStatus:
     """Runs in a thread: one read of the item's meta from the result backend."""
-    result = AsyncResult(task_id, app=app)
-    meta = result._get_task_meta()  # one read: state, result, traceback, batch fields
+    meta = app.backend.get_task_meta(task_id)  # one read: state, result, traceback, batch
     state = meta["status"]
     batch = {k: meta[k] for k in BATCH_FIELDS if meta.get(k) is not None} or None
     if state == states.SUCCESS:

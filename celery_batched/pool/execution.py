@@ -223,7 +223,7 @@ def ensure_setup(task: BatchedTaskLike) -> None:
             return
         started = time.monotonic()
         # Only a task's own setup() is timed: the base class's no-op isn't a model load.
-        timed = getattr(type(task).setup, "__qualname__", "") != "BatchedTask.setup"
+        timed = getattr(task.setup, "__qualname__", "") != "BatchedTask.setup"
         try:
             task.setup()
         except Exception as exc:
