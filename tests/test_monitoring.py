@@ -55,6 +55,10 @@ def test_item_events_carry_their_batch_and_flower_state_shows_it(redis_client, q
         for e in by_type[kind]:
             missing = [f for f in BATCH_FIELDS if e.get(f) is None]
             assert not missing, (kind, missing, e)
+    # Failed and retried items carry their share of the batch's time too (Flower's runtime
+    # metric counts any event's runtime), with the batch's whole time.
+    for e in by_type["task-failed"] + by_type["task-retried"]:
+        assert e["runtime"] == pytest.approx(e["batch_runtime_s"] / e["batch_size"], abs=1e-6), e
     # The first 4 items filled a batch (size flush); the rest ran in later ones.
     started: dict[str, dict] = {}  # each item's first start ("retry-d" starts again later)
     for e in sorted(by_type["task-started"], key=lambda e: e["clock"]):

@@ -34,7 +34,8 @@ class BatchEventer:
         return bool(self._eventer.enabled)
 
     def send(self, type: str, **fields: Any) -> Any:
-        return self._eventer.send(type, **fields, **self._fields)
+        # Celery's own fields win over ours where both name one (``runtime``, say).
+        return self._eventer.send(type, **{**self._fields, **fields})
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._eventer, name)

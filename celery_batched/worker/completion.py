@@ -83,7 +83,7 @@ class Completion:
                          **batch_fields(batch, item))
             elif code in (Outcome.FAILED, Outcome.RETRIED):
                 if self._handle(batch, item, events, "on_success", ((1, extra, share),),
-                                stored=True):
+                                stored=True, runtime=share):
                     handed_back += 1
                     states.append(HANDED_BACK)
                 elif code == Outcome.FAILED:
@@ -147,7 +147,7 @@ class Completion:
             self._handle(batch, item, events, "on_timeout", (soft, timeout))
 
     def _handle(self, batch: Batch, item: Item, events: bool, handler: str, args: tuple[Any, ...],
-                stored: bool = False) -> bool:
+                stored: bool = False, runtime: float | None = None) -> bool:
         """Celery's ``Request.<handler>(*args)`` for one item, its acknowledgement held until
         the handler returned; True if the item went back to the broker instead.
 
@@ -156,7 +156,7 @@ class Completion:
         reason (Celery's re-raises a ``MemoryError`` before it acknowledges anything) is
         finished here, so that no item is left unacknowledged with its prefetch slot freed.
         """
-        req = self._request(batch, item, events)
+        req = self._request(batch, item, events, runtime)
         held = worker.HeldAcks(req)
         try:
             getattr(req, handler)(*args)
@@ -188,12 +188,16 @@ class Completion:
         worker.task_ready(item)
 
     @staticmethod
-    def _request(batch: Batch, item: Item, events: bool) -> Any:
-        """The item's Celery ``Request``, whose own events carry the batch fields."""
+    def _request(batch: Batch, item: Item, events: bool, runtime: float | None = None) -> Any:
+        """The item's Celery ``Request``, whose own events carry the batch fields -- and, for a
+        failed or retried item, its share of the batch's time as ``runtime``, which Celery's
+        events leave out: Flower's runtime metric then counts the time of batches that failed."""
         req = item.request()
         if events:
-            worker.with_batch_events(
-                req, lambda eventer: BatchEventer(eventer, batch_fields(batch, item)))
+            fields = batch_fields(batch, item)
+            if runtime is not None:
+                fields["runtime"] = runtime
+            worker.with_batch_events(req, lambda eventer: BatchEventer(eventer, fields))
         return req
 
     def _log(self, batch: Batch, reply: BatchReply, succeeded: int, failed: int, retried: int,
