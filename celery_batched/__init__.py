@@ -25,13 +25,14 @@ from .errors import (
 )
 from .observers import BatchObserver, BatchOutcome
 from .retry import RetryItem
-from .task import BatchedTask
+from .task import BatchedTask, install
 from .worker.bootstep import BatchingStep
 from .worker.buffer import FlushReason
 
 __all__ = [
     "BatchedTask",
     "BatchingStep",
+    "install",
     "RetryItem",
     "batching_stats",
     "BatchObserver",

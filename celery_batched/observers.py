@@ -41,6 +41,13 @@ class BatchOutcome:
     handed_back: int
     #: Seconds in the pool, the function included; None where the pool lost the batch.
     runtime_s: float | None
+    #: Each item's outcome in item order: ``succeeded``, ``failed``, ``retried`` or
+    #: ``handed_back`` (what ``inspect batch`` answers).
+    items: tuple[str, ...] = ()
+    #: Seconds of ``runtime_s`` spent in ``setup()`` (a pool process's first batch).
+    setup_s: float = 0.0
+    #: Calls of the function that raised instead of returning a result per item.
+    raised: int = 0
 
 
 class BatchObserver:

@@ -53,8 +53,12 @@ class BatchReply(NamedTuple):
     extras: dict[int, Any]
     #: Seconds the batch took in the pool, the function call included.
     runtime: float
-    #: Seconds of that spent in the function itself.
+    #: Seconds of that spent in the function itself (``setup()`` included, when it ran).
     call_s: float
+    #: Seconds of ``call_s`` spent in ``setup()`` (a class-based task's first batch per process).
+    setup_s: float = 0.0
+    #: Calls of the function that raised (rather than returned one outcome per item).
+    raised: int = 0
 
 
 class BatchedTaskLike(Protocol):

@@ -14,7 +14,7 @@ from .encoding import plain
 from .pool.execution import call_batch
 from .retry import RetryItem
 from .spec import DEFAULTS, BatchSpec
-from .worker.bootstep import BatchingStep
+from .worker.bootstep import BatchingStep, add_worker_options
 
 
 class BatchedTask(Task):
@@ -128,4 +128,15 @@ def _option(cls: type, name: str) -> Any:
 
 def _install_bootstep(app: Celery) -> None:
     app.steps["consumer"].add(BatchingStep)
+    add_worker_options(app)
+
+
+def install(app: Celery) -> None:
+    """Batching's bootstep and ``celery worker`` options on ``app``, now.
+
+    Binding a batched task does it, but ``@app.task(base=BatchedTask)`` binds only when the app
+    is finalized -- after ``celery worker`` has read its command-line options. Call this next to
+    the app's definition to have ``--batching-metrics-port`` there too.
+    """
+    _install_bootstep(app)
 

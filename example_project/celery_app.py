@@ -53,5 +53,8 @@ app.conf.update(
     task_routes={"example_project.*": {"queue": QUEUE}},
     broker_connection_retry_on_startup=True,
     result_expires=3600,
+    # EXAMPLE_RESULT_EXTENDED=1: each stored result names its batch (GET /tasks/{id} shows it);
+    # off by default, since the worker then stores results in the pool, not in bulk.
+    result_extended=os.environ.get("EXAMPLE_RESULT_EXTENDED") == "1",
     **config_from_env(),
 )

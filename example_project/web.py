@@ -2,8 +2,14 @@
 
 ``POST /add`` ``{"x": 1, "y": 300}`` -> 200 ``{"result": 301}``
 ``POST /embed`` ``{"text": "..."}`` -> 200 ``{"embedding": [384 floats]}``
-``GET /tasks/{task_id}`` -> 200 ``{"task_id": ..., "status": "SUCCESS", "result": ...}``
+``GET /tasks/{task_id}`` -> 200 ``{"task_id": ..., "status": "SUCCESS", "result": ...}`` (and
+the item's batch: ``batch_id``, ``batch_size``, ... where the worker stored it, with
+``EXAMPLE_RESULT_EXTENDED=1``)
 ``GET /healthz`` -> 200 while a worker that serves the model answers, else 503
+
+A failed item answers 502 with its ``task_id`` and ``error``; when the function raised for its
+whole batch (so a neighbour may be the cause) also ``batch_id`` and ``note`` saying so. A body
+over ``EXAMPLE_API_MAX_BODY_BYTES`` (default 64 KiB) answers 413 before it is read to the end.
 
 Each request sends ONE item; the worker batches the items of concurrent requests into one call
 (three concurrent ``/add`` requests make two ``batch_add`` executions, ``max_batch_size=2``).
@@ -38,12 +44,12 @@ import asyncio
 import contextlib
 import functools
 import os
+import re
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from celery import states
-from celery.result import AsyncResult
 from fastapi import FastAPI, HTTPException
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
@@ -56,11 +62,60 @@ RESULT_TIMEOUT = float(os.environ.get("EXAMPLE_API_RESULT_TIMEOUT", "30"))
 WAITERS = int(os.environ.get("EXAMPLE_API_WAITERS", "64"))
 #: Seconds /healthz waits for workers to answer.
 HEALTH_TIMEOUT = float(os.environ.get("EXAMPLE_API_HEALTH_TIMEOUT", "2"))
+#: Largest request body accepted; larger ones answer 413 (a 10 MB text would hold a waiter
+#: thread and the web process's memory for seconds, and no model reads past 256 tokens).
+MAX_BODY_BYTES = int(os.environ.get("EXAMPLE_API_MAX_BODY_BYTES", str(64 * 1024)))
+#: The batch fields a stored result meta carries with ``result_extended``.
+BATCH_FIELDS = ("batch_id", "batch_size", "flush_reason", "buffer_wait_ms")
 
 _waiters = ThreadPoolExecutor(max_workers=WAITERS, thread_name_prefix="celery-result")
 
 api = FastAPI(title="celery-batched example",
               description="Single items in, batched execution in the worker.")
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for a body over ``limit`` bytes, from its Content-Length or, for a
+    chunked body, as soon as the bytes read pass it -- before the whole body is in memory."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope.get("headers") or ()).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            await self._too_large(send, int(length))
+            return
+        seen = 0
+
+        async def limited() -> Any:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:  # FastAPI passes an HTTPException raised while reading on
+                raise HTTPException(413, self._detail(seen))
+            return message
+
+        await self.app(scope, limited, send)
+
+    def _detail(self, size: int) -> str:
+        return (f"request body of {size} bytes or more is over this API's limit of "
+                f"{self.limit} bytes (EXAMPLE_API_MAX_BODY_BYTES): send one shorter text per "
+                f"request")
+
+    async def _too_large(self, send: Any, size: int) -> None:
+        response = JSONResponse({"detail": self._detail(size)}, status_code=413)
+        await response({"type": "http"}, _no_receive, send)
+
+
+async def _no_receive() -> Any:
+    return {"type": "http.disconnect"}
+
+
+api.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
 
 
 class AddRequest(BaseModel):
@@ -99,6 +154,11 @@ class TaskStatus(BaseModel):
     status: str
     result: Any = None
     error: str | None = None
+    #: Where the worker stored the item's batch (``EXAMPLE_RESULT_EXTENDED=1``): ``batch_id``,
+    #: ``batch_size``, ``flush_reason``, ``buffer_wait_ms``.
+    batch: dict[str, Any] | None = None
+    #: celery_batched's note on a failure the function raised for the whole batch.
+    note: str | None = None
 
 
 class Health(BaseModel):
@@ -108,9 +168,31 @@ class Health(BaseModel):
 
 _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     202: {"model": Accepted, "description": "no result in time: the item is queued, poll its status_url"},
-    502: {"description": "the task failed in the worker"},
+    413: {"description": "the request body is over EXAMPLE_API_MAX_BODY_BYTES"},
+    502: {"description": "the task failed in the worker: detail has task_id, error, and for a "
+                         "whole-batch error batch_id and note"},
     503: {"description": "the item could not be sent to the broker: it will not run"},
 }
+
+
+def batch_note(traceback: str | None) -> str | None:
+    """celery_batched's note on an error the function raised for several items together (PEP
+    678, in the stored traceback), or None: the error may be a neighbour's."""
+    notes = [line for line in (traceback or "").splitlines() if line.startswith("celery_batched:")]
+    return notes[-1] if notes else None
+
+
+def _failure(task_name: str, task_id: str, exc: Any, traceback: str | None) -> dict[str, Any]:
+    """What a 502 and ``GET /tasks/{id}`` say of a failed item."""
+    out: dict[str, Any] = {"task_id": task_id,
+                           "error": f"{task_name} failed: {type(exc).__name__}: {exc}"}
+    note = batch_note(traceback)
+    if note is not None:
+        out["note"] = note
+        found = re.search(r"batch (\S+) \(\d+ items\)", note)
+        if found:
+            out["batch_id"] = found.group(1)
+    return out
 
 
 def _send_and_wait(task: Any, args: tuple[Any, ...], timeout: float) -> tuple[str, str | None, Any]:
@@ -132,6 +214,8 @@ def _send_and_wait(task: Any, args: tuple[Any, ...], timeout: float) -> tuple[st
         with contextlib.suppress(Exception):  # the backend may be unreachable: nothing to undo
             result.backend.remove_pending_result(result)
         return result.id, None, None
+    if result.state != states.SUCCESS:
+        return result.id, result.state, _failure(task.name, result.id, value, result.traceback)
     return result.id, result.state, value  # state comes from the meta get() just cached
 
 
@@ -150,8 +234,8 @@ async def call_task(task: Any, *args: Any, timeout: float = RESULT_TIMEOUT) -> A
         status_url = f"/tasks/{task_id}"
         return JSONResponse(Accepted(task_id=task_id, status_url=status_url).model_dump(),
                             status_code=202, headers={"Location": status_url})
-    if state != states.SUCCESS:  # FAILURE (or REVOKED): get() returned the exception
-        raise HTTPException(502, f"{task.name} failed: {type(value).__name__}: {value}")
+    if state != states.SUCCESS:  # FAILURE (or REVOKED): what _failure said of it
+        raise HTTPException(502, value)
     return value
 
 
@@ -169,13 +253,16 @@ async def embed_text(body: EmbedRequest) -> Any:
 
 def _task_status(task_id: str) -> TaskStatus:
     """Runs in a thread: one read of the item's meta from the result backend."""
-    result = AsyncResult(task_id, app=app)
-    state = result.state
+    meta = app.backend.get_task_meta(task_id)  # one read: state, result, traceback, batch
+    state = meta["status"]
+    batch = {k: meta[k] for k in BATCH_FIELDS if meta.get(k) is not None} or None
     if state == states.SUCCESS:
-        return TaskStatus(task_id=task_id, status=state, result=result.result)
+        return TaskStatus(task_id=task_id, status=state, result=meta["result"], batch=batch)
     if state in states.PROPAGATE_STATES:
-        exc = result.result
-        return TaskStatus(task_id=task_id, status=state, error=f"{type(exc).__name__}: {exc}")
+        exc = meta["result"]
+        note = batch_note(meta.get("traceback"))
+        return TaskStatus(task_id=task_id, status=state, error=f"{type(exc).__name__}: {exc}",
+                          batch=batch, note=note)
     return TaskStatus(task_id=task_id, status=state)
 
 
@@ -185,20 +272,32 @@ async def task_status(task_id: uuid.UUID) -> TaskStatus:
     return await asyncio.get_running_loop().run_in_executor(None, _task_status, str(task_id))
 
 
+#: The workers the last check found serving the model: asked first, by name.
+_last_found: tuple[str, ...] = ()
+
+
 def workers_with_model(timeout: float = HEALTH_TIMEOUT) -> list[str]:
     """The workers that answer within ``timeout``, consume ``QUEUE`` and run ``embed`` batched.
 
-    Two broadcasts: ``active_queues`` to everyone (waits the whole timeout, since nobody knows how
-    many workers there are), then celery_batched's ``batching_config`` to the workers found, which
-    returns as soon as they have all answered.
+    The workers found last time are asked by name (``batching_config``), which returns as soon
+    as they have all answered: a check takes one round trip while they live. Only when none of
+    them answers: ``active_queues`` to everyone (waits the whole timeout, since nobody knows how
+    many workers there are), then ``batching_config`` to the workers found.
     """
-    queues = app.control.inspect(timeout=timeout).active_queues() or {}
-    serving = sorted(name for name, consumed in queues.items()
-                     if any(q.get("name") == QUEUE for q in consumed))
-    if not serving:
-        return []
+    global _last_found
+    found = _serving_model(list(_last_found), timeout) if _last_found else []
+    if not found:
+        queues = app.control.inspect(timeout=timeout).active_queues() or {}
+        serving = sorted(name for name, consumed in queues.items()
+                         if any(q.get("name") == QUEUE for q in consumed))
+        found = _serving_model(serving, timeout) if serving else []
+    _last_found = tuple(found)
+    return found
+
+
+def _serving_model(workers: list[str], timeout: float) -> list[str]:
     replies = app.control.broadcast("batching_config", reply=True, timeout=timeout,
-                                    destination=serving, limit=len(serving)) or []
+                                    destination=workers, limit=len(workers)) or []
     return sorted(name for reply in replies for name, tasks in reply.items() if embed.name in tasks)
 
 

@@ -294,7 +294,8 @@ def compose(tmp_path: Path) -> Iterator[Callable[..., tuple[Stack, dict[str, str
                                           env["RABBITMQ_VHOST"]).create())
         stack = Stack(services, tmp_path, {
             "redis": f"127.0.0.1:{free_port()}", "rabbitmq": "127.0.0.1:5672",
-            "listen": "127.0.0.1", "web_port": str(free_port()), "flower_port": str(free_port())})
+            "listen": "127.0.0.1", "web_port": str(free_port()), "flower_port": str(free_port()),
+            "metrics_port": str(free_port())})
         stacks.append(stack)
         return stack, env
 
@@ -385,6 +386,12 @@ def test_compose_smoke_redis(compose: Callable[..., tuple[Stack, dict[str, str]]
                              [(1, 300), (2, 200), (3, 100)]))
     assert [r.status_code for r in adds] == [200, 200, 200], [r.text for r in adds]
     assert [r.json()["result"] for r in adds] == [301, 202, 103]
+    # The worker serves batching's metrics where the compose file says, and logs where.
+    port = stack.addresses["metrics_port"]
+    assert f"celery_batched: Prometheus metrics at http://127.0.0.1:{port}/metrics" in worker.log()
+    succeeded = 'celery_batched_items_total{outcome="succeeded",task="example_project.batch_add"} 3.0'
+    wait_for(lambda: succeeded in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text,
+             10, 0.1, "the three /add items in the worker's metrics")
     # The first batch loads the model, which may take longer than API_WAIT: then the answer is
     # 202 and the vector comes from /tasks/{id}. The model stays loaded: the next one is 200.
     text = "The quick brown fox jumps over the lazy dog."

@@ -134,7 +134,7 @@ def test_http_api_batches_concurrent_requests(example_app: Any, worker: Worker, 
     assert [r.json() for r in adds] == [{"result": 301}, {"result": 202}, {"result": 103}]
     # The lone third item waits wait_ms=1000 in the worker; the loop kept ticking meanwhile.
     assert ticks >= 30, f"the event loop was blocked: {ticks} ticks of 10 ms"
-    stats = batching_stats(example_app, worker)["example_project.tasks.batch_add"]
+    stats = batching_stats(example_app, worker)["example_project.batch_add"]
     assert stats["batches"] == 2 and stats["batch_sizes"] == [[1, 1], [2, 1]], stats
     ran = re.findall(r"batch_add ran on xs=(\[[^\]]*\]) ys=(\[[^\]]*\])", worker.log())
     assert len(ran) == 2 and sorted(len(json.loads(xs)) for xs, _ in ran) == [1, 2], ran
@@ -170,3 +170,79 @@ def test_demo_runs_end_to_end_without_a_server() -> None:
     assert re.search(r"embed_one .*16/16 in [\d.]+s = [\d,]+ items/s", out), out
     assert "stopped (exit status 0)" in out
     assert elapsed < 120, f"the demo took {elapsed:.0f}s"
+
+
+def test_bad_items_fail_alone_and_the_api_says_what_and_where(example_app: Any,
+                                                              start_worker: Any) -> None:
+    """Issue 19: a bad input fails alone with its own error, the others of its batch succeed;
+    GET /tasks/{id} names the item's batch (result_extended); oversized bodies get 413; a
+    second /healthz asks the worker it found by name."""
+    from example_project.tasks import batch_add, embed
+    from example_project.web import api
+
+    worker = start_worker("example_project", queues="gpu", pool="prefork", concurrency=1,
+                          env={**ENV, "EXAMPLE_RESULT_EXTENDED": "1"})
+    texts: list[Any] = ["a valid text", 3, "   ", "another valid text"]
+    results = [embed.delay(t) for t in texts]  # sent together: one batch of 4
+    outcomes = [r.get(timeout=120, propagate=False) for r in results]
+    assert [len(v) for v in outcomes[::3]] == [384, 384]
+    assert isinstance(outcomes[1], TypeError) and str(outcomes[1]) == \
+        "embed takes a text (str), got int: 3"
+    assert isinstance(outcomes[2], ValueError) and "empty or blank" in str(outcomes[2])
+    assert "celery_batched:" not in (results[1].traceback or "")  # its own error, no note
+    added = [batch_add.delay(*xy) for xy in (("a", 1), (1, 2))]
+    assert isinstance(added[0].get(timeout=30, propagate=False), TypeError)
+    assert added[1].get(timeout=30) == 3
+
+    async def scenario() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=api)
+        async with httpx.AsyncClient(transport=transport, base_url="http://example") as client:
+            return [await client.get(f"/tasks/{results[1].id}"),
+                    await client.get(f"/tasks/{results[0].id}"),
+                    await client.post("/embed", json={"text": "x" * 200_000}),
+                    await client.get("/healthz"), await client.get("/healthz")]
+
+    failed, succeeded, too_large, health, again = asyncio.run(scenario())
+    body = failed.json()
+    assert body["status"] == "FAILURE" and body["error"].startswith("TypeError: embed takes"), body
+    assert body["batch"]["batch_size"] == 4 and body["batch"]["batch_id"].startswith(
+        f"{worker.hostname}:"), body
+    assert succeeded.json()["batch"]["batch_id"] == body["batch"]["batch_id"]
+    assert too_large.status_code == 413 and "EXAMPLE_API_MAX_BODY_BYTES" in too_large.text
+    assert health.json()["workers"] == again.json()["workers"] == [worker.hostname]
+
+
+def test_api_502_names_the_item_and_the_batch_that_raised(redis_client: Any, queue: str,
+                                                          start_worker: Any) -> None:
+    """A whole-batch error reaches the API's caller with the item's id, the batch's id and the
+    note saying another item may have caused it."""
+    from fastapi import HTTPException
+
+    from example_project.web import call_task
+
+    from .apps import monitoring
+
+    start_worker("tests.apps.monitoring", queues=queue)
+    strict = monitoring.strict.s().set(queue=queue)
+
+    class Routed:  # call_task sends with .delay(); this one goes to the test's queue
+        name = monitoring.strict.name
+
+        @staticmethod
+        def delay(*args: Any) -> Any:
+            return strict.delay(*args)
+
+    async def both() -> list[Any]:
+        return await asyncio.gather(call_task(Routed, "fine", timeout=15),
+                                    call_task(Routed, 3, timeout=15), return_exceptions=True)
+
+    innocent, culprit = asyncio.run(both())
+    for err in (innocent, culprit):
+        assert isinstance(err, HTTPException) and err.status_code == 502, err
+    detail = innocent.detail
+    assert detail["error"] == f"{monitoring.strict.name} failed: ValueError: Unsupported input " \
+                              f"type: int", detail
+    assert re.fullmatch(r"[0-9a-f-]{36}", detail["task_id"])
+    assert detail["batch_id"] in detail["note"] and "another item may have caused it" in \
+        detail["note"], detail
+    assert culprit.detail["batch_id"] == detail["batch_id"]

@@ -55,6 +55,10 @@ def test_item_events_carry_their_batch_and_flower_state_shows_it(redis_client, q
         for e in by_type[kind]:
             missing = [f for f in BATCH_FIELDS if e.get(f) is None]
             assert not missing, (kind, missing, e)
+    # Failed and retried items carry their share of the batch's time too (Flower's runtime
+    # metric counts any event's runtime), with the batch's whole time.
+    for e in by_type["task-failed"] + by_type["task-retried"]:
+        assert e["runtime"] == pytest.approx(e["batch_runtime_s"] / e["batch_size"], abs=1e-6), e
     # The first 4 items filled a batch (size flush); the rest ran in later ones.
     started: dict[str, dict] = {}  # each item's first start ("retry-d" starts again later)
     for e in sorted(by_type["task-started"], key=lambda e: e["clock"]):
@@ -70,7 +74,7 @@ def test_item_events_carry_their_batch_and_flower_state_shows_it(redis_client, q
     for e in by_type["task-succeeded"]:
         per_batch[e["batch_id"]].append(e)
     for batch_events in per_batch.values():
-        whole = batch_events[0]["batch_runtime"]
+        whole = batch_events[0]["batch_runtime_s"]
         size = batch_events[0]["batch_size"]
         assert all(e["runtime"] == pytest.approx(whole / size, abs=1e-6) for e in batch_events)
     # Celery's event state (what Flower and `celery events` build) keeps and lists the fields.
@@ -80,7 +84,7 @@ def test_item_events_carry_their_batch_and_flower_state_shows_it(redis_client, q
     task = state.tasks[results["a"].id]
     assert task.batch_id == first[0]["batch_id"] and task.batch_size == 4
     as_dict = task.as_dict()
-    assert as_dict["flush_reason"] == "size" and as_dict["batch_runtime"] > 0
+    assert as_dict["flush_reason"] == "size" and as_dict["batch_runtime_s"] > 0
     assert "batch_id" in task.info()
     assert worker.proc.poll() is None
 
@@ -201,15 +205,25 @@ def test_flower_task_page_shows_the_batch(redis_client, queue, start_worker, tmp
                 return ""
 
         wait_for(lambda: page("/healthcheck") == "OK", 30, what="Flower to answer")
-        start_worker(APP, queues=queue, extra_args=("-E",))
+        worker = start_worker(APP, queues=queue, extra_args=("-E",))
         results = [monitoring.scored.apply_async((k,), queue=queue) for k in "wxyz"]
         assert [r.get(timeout=15) for r in results] == [f"done:{k}" for k in "wxyz"]
-        html = wait_for(lambda: (lambda h: h if "Batch runtime" in h else "")(
+        html = wait_for(lambda: (lambda h: h if "Batch runtime s" in h else "")(
             page(f"/task/{results[0].id}")), 15, what="the task page with the batch fields")
         rows = dict(re.findall(r"<dt>([^<]+)</dt>\s*<dd>\s*([^<]*?)\s*</dd>", html))
         assert rows["Batch size"] == "4" and rows["Flush reason"] == "size", rows
-        assert re.fullmatch(r"[0-9a-f]{6}-\d+", rows["Batch id"]), rows
-        assert float(rows["Buffer wait ms"]) >= 0 and float(rows["Batch runtime"]) > 0, rows
+        assert re.fullmatch(rf"{re.escape(worker.hostname)}:[0-9a-f]{{6}}-\d+", rows["Batch id"]), rows
+        assert float(rows["Buffer wait ms"]) >= 0 and float(rows["Batch runtime s"]) > 0, rows
+        # An innocent item of a batch whose function raised: its page names the batch, the
+        # batch's runtime, and (in the traceback) that the error may be a neighbour's.
+        failed = [monitoring.strict.apply_async((x,), queue=queue) for x in ("ok", 3)]
+        for r in failed:
+            r.get(timeout=15, propagate=False)
+        html = wait_for(lambda: (lambda h: h if "Batch runtime s" in h else "")(
+            page(f"/task/{failed[0].id}")), 15, what="the failed item's page with its batch")
+        rows = dict(re.findall(r"<dt>([^<]+)</dt>\s*<dd>\s*([^<]*?)\s*</dd>", html))
+        assert rows["Batch size"] == "2" and float(rows["Batch runtime s"]) > 0, rows
+        assert f"raised this for the whole batch {rows['Batch id']} (2 items)" in html
     finally:
         flower.terminate()
         try:

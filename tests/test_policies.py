@@ -62,7 +62,7 @@ def test_batch_key_function_buckets_and_bad_keys_fail_alone(redis_client, queue,
     assert sorted(len(t) for r in runs for t in r["texts"]) == sorted(
         len(t) for t in texts if t not in ("boom", "unhashable"))
     wait_for(lambda: stats(worker, policies.by_length.name).get("flush_reasons", {})
-             .get("invalid item") == 2, 10, what="two invalid-item flushes")
+             .get("invalid_item") == 2, 10, what="two invalid-item flushes")
 
 
 def test_max_open_keys_flushes_the_oldest_waiting_key(redis_client, queue, start_worker):
@@ -150,7 +150,7 @@ def test_latency_target_flushes_early_when_slow_and_fills_when_busy(redis_client
     sizes = [len(r["xs"]) for r in execs(redis_client, "latency_target")]
     assert statistics.mean(sizes) >= 8, sizes
     got = stats(worker, name)
-    assert got["flush_reasons"].get("latency target", 0) >= 5, got
+    assert got["flush_reasons"].get("latency_target", 0) >= 5, got
     assert got["flush_reasons"].get("size", 0) >= 3, got
     assert 30 <= got["latency"]["expected_exec_ms_1"] <= 300, got
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 #: The fields an item's events carry about its batch.
-BATCH_FIELDS = ("batch_id", "batch_size", "buffer_wait_ms", "flush_reason", "batch_runtime")
+BATCH_FIELDS = ("batch_id", "batch_size", "buffer_wait_ms", "flush_reason", "batch_runtime_s")
 
 
 class BatchEventer:
@@ -34,7 +34,8 @@ class BatchEventer:
         return bool(self._eventer.enabled)
 
     def send(self, type: str, **fields: Any) -> Any:
-        return self._eventer.send(type, **fields, **self._fields)
+        # Celery's own fields win over ours where both name one (``runtime``, say).
+        return self._eventer.send(type, **{**self._fields, **fields})
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._eventer, name)

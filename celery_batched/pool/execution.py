@@ -34,18 +34,32 @@ _setup_lock = threading.Lock()
 logger = logging.getLogger(__name__)
 
 
+class _CallStats(threading.local):
+    """What this thread's current batch spent in ``setup()`` and how many of its calls raised:
+    the reply carries them to the worker's metrics (setup apart from execution, raised batches)."""
+
+    setup_s = 0.0
+    raised = 0
+
+
+_stats = _CallStats()
+
+
 def execute_batch(task: BatchedTaskLike, items: Sequence[WireItem], want_repr: bool = False,
                   hostname: str | None = None,
                   errors: dict[int, BaseException] | None = None,
-                  batch_meta: dict[str, dict[str, Any]] | None = None) -> BatchReply:
+                  batch_meta: dict[str, dict[str, Any]] | None = None,
+                  batch_id: str | None = None) -> BatchReply:
     """Pool entry point: run one batch and answer with one code per item. ``errors``: items
     that fail without running (the consumer could not compute their key or cost).
     ``batch_meta``: with ``result_extended``, each item's batch fields for its stored metas.
+    ``batch_id``: named in this batch's failure log line and whole-batch error notes.
 
     Never raises for a batch's own trouble: the threads and solo pools would lose the job.
     """
     started = time.monotonic()
-    outcomes = ItemOutcomes(task, items, hostname, want_repr)
+    outcomes = ItemOutcomes(task, items, hostname, want_repr, batch_id)
+    _stats.setup_s, _stats.raised = 0.0, 0
     meta_token = None
     if batch_meta:
         trace.add_batch_meta(task.backend)
@@ -58,15 +72,16 @@ def execute_batch(task: BatchedTaskLike, items: Sequence[WireItem], want_repr: b
         if rows:
             outcomes.set_returned(call_batch(task, [row for _, row in rows]), [i for i, _ in rows])
         call_s = time.monotonic() - call_started
-        return outcomes.finish(time.monotonic() - started, call_s)
+        return outcomes.finish(time.monotonic() - started, call_s)._replace(
+            setup_s=_stats.setup_s, raised=_stats.raised)
     except Exception as exc:
         if trace.is_outage(exc, task.backend):
             logger.error("celery_batched: %s: the result backend did not take this batch's "
                          "writes (%s: %s); its %d item(s) go back to the broker", task.name,
                          type(exc).__name__, exc, len(items))
         else:
-            logger.exception("celery_batched: %s: batch of %d failed outside the function",
-                             task.name, len(items))
+            logger.exception("celery_batched: %s: batch %s of %d failed outside the function",
+                             task.name, batch_id, len(items))
         return outcomes.fail_all(exc, time.monotonic() - started)
     finally:
         if meta_token is not None:
@@ -102,8 +117,10 @@ def _call_splitting(task: BatchedTaskLike, rows: Sequence[tuple[Any, ...]]) -> A
     except (BatchSetupError, SoftTimeLimitExceeded) as exc:
         # No item is to blame: splitting would re-run setup() per half, or run halves after
         # the batch's soft time limit until the hard one kills the process.
+        _stats.raised += 1
         return [exc] * len(rows)
     except Exception as exc:
+        _stats.raised += 1
         out_of_memory = bool(oom_errors) and is_oom(exc, oom_errors)
         if out_of_memory:
             free_cuda_cache()
@@ -204,12 +221,17 @@ def ensure_setup(task: BatchedTaskLike) -> None:
     with _setup_lock:
         if task.__dict__.get("_celery_batched_setup_pid") == pid:
             return
+        started = time.monotonic()
+        # Only a task's own setup() is timed: the base class's no-op isn't a model load.
+        timed = getattr(task.setup, "__qualname__", "") != "BatchedTask.setup"
         try:
             task.setup()
         except Exception as exc:
+            _stats.setup_s += (time.monotonic() - started) * timed
             raise BatchSetupError(
                 f"{task.name}.setup() raised {type(exc).__name__}: {exc}; "
                 f"the batch failed and setup() runs again before the next batch") from exc
+        _stats.setup_s += (time.monotonic() - started) * timed
         task.__dict__["_celery_batched_setup_pid"] = pid
         freeze_startup_heap(task.app)
 

@@ -23,11 +23,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from celery import signals, states
-from celery.exceptions import Retry
+from celery.exceptions import Retry, SoftTimeLimitExceeded
 
 from .._internals import trace, worker
 from ..encoding import bounded_repr, plain
 from ..errors import (
+    BatchResultError,
+    BatchSetupError,
     ItemArgumentsError,
     ItemDecodeError,
     ItemFailureStoreError,
@@ -38,6 +40,14 @@ from ..retry import RetryItem
 
 logger = logging.getLogger(__name__)
 
+#: Failed item ids a batch's ERROR line names, at most (``inspect batch`` lists them all).
+LOGGED_IDS = 10
+#: How the note on an exception stored for several items at once begins.
+WHOLE_BATCH_NOTE = "celery_batched:"
+#: Whole-call failures no item caused: no note blames a neighbour.
+NO_CULPRIT: tuple[type[BaseException], ...] = (BatchSetupError, BatchResultError,
+                                              SoftTimeLimitExceeded)
+
 _accept_cache: dict[int, frozenset[str]] = {}
 
 
@@ -45,8 +55,9 @@ class ItemOutcomes:
     """One batch's items in the pool, from wire format to ``BatchReply``."""
 
     def __init__(self, task: BatchedTaskLike, items: Sequence[WireItem], hostname: str | None,
-                 want_repr: bool) -> None:
+                 want_repr: bool, batch_id: str | None = None) -> None:
         self.task = task
+        self.batch_id = batch_id
         self.items = items
         self.hostname = hostname
         self.want_repr = want_repr
@@ -221,7 +232,11 @@ class ItemOutcomes:
             return
         task = self.task
         infos: dict[int, Any] = {}  # one ExceptionInfo per distinct exception object
+        # An exception the function raised for several items at once: each of them stores it.
+        shared = Counter(id(o) for _, o in failures
+                         if isinstance(o, Exception) and o.__traceback__ is not None)
         failed: Counter[str] = Counter()
+        failed_ids: list[str] = []
         retried = 0
         raised: BaseException | None = None
         for i, outcome in failures:
@@ -241,6 +256,8 @@ class ItemOutcomes:
                     continue
                 einfo = infos.get(id(exc))
                 if einfo is None:
+                    if exc is outcome and shared[id(exc)] > 1:
+                        self._note_whole_batch(exc, shared[id(exc)])
                     einfo = infos[id(exc)] = trace.exception_info(exc)
                 try:
                     einfo = self._store_failure(ctx, einfo)
@@ -253,6 +270,7 @@ class ItemOutcomes:
                 trace.failure_hooks(task, ctx, einfo)
                 codes[i], extras[i] = Outcome.FAILED, einfo
                 failed[f"{type(exc).__name__}: {exc}"] += 1
+                failed_ids.append(ctx.id)
                 if exc.__traceback__ is not None:
                     raised = exc
             except Exception as exc:  # sending the retry or recording it failed
@@ -264,7 +282,19 @@ class ItemOutcomes:
                     codes[i], extras[i] = Outcome.FAILED, trace.exception_info(exc)
             finally:
                 task.request_stack.pop()
-        self._log(failed, retried, raised)
+        self._log(failed, failed_ids, retried, raised)
+
+    def _note_whole_batch(self, exc: BaseException, count: int) -> None:
+        """PEP 678 note on an exception stored for every item of a call that raised: an
+        innocent item's stored traceback (``AsyncResult.traceback``, Flower) says so."""
+        if isinstance(exc, NO_CULPRIT) or getattr(exc, "__notes__", None):
+            return
+        what = ("the whole batch" if count == len(self.items) else f"{count} items together of "
+                f"batch")
+        exc.add_note(f"{WHOLE_BATCH_NOTE} {self.task.name} raised this for {what} "
+                     f"{self.batch_id} ({len(self.items)} items), not for this item alone: "
+                     f"another item may have caused it. isolate_failures=True re-runs a batch "
+                     f"that raised in halves until the failing items are alone.")
 
     def _store_failure(self, ctx: Any, einfo: Any) -> Any:
         """Store one item's FAILURE (retried while the backend refuses writes); the
@@ -294,16 +324,21 @@ class ItemOutcomes:
                             store_result=store, call_errbacks=True)
         return einfo
 
-    def _log(self, failed: Counter[str], retried: int, raised: BaseException | None) -> None:
-        name, n = self.task.name, len(self.items)
+    def _log(self, failed: Counter[str], failed_ids: list[str], retried: int,
+             raised: BaseException | None) -> None:
+        name, n, batch_id = self.task.name, len(self.items), self.batch_id
         if failed:
             summary = "; ".join(f"{count} x {what[:200]}" for what, count in failed.most_common(3))
             more = f" (and {len(failed) - 3} other errors)" if len(failed) > 3 else ""
             exc_info = (type(raised), raised, raised.__traceback__) if raised is not None else None
-            logger.error("celery_batched: batch of %d %s: %d item(s) failed: %s%s", n, name,
-                         sum(failed.values()), summary, more, exc_info=exc_info)
+            ids = " ".join(failed_ids[:LOGGED_IDS]) + (
+                f" and {len(failed_ids) - LOGGED_IDS} more" if len(failed_ids) > LOGGED_IDS else "")
+            logger.error("celery_batched: batch %s of %d %s: %d item(s) failed: %s%s; items: %s",
+                         batch_id, n, name, sum(failed.values()), summary, more, ids,
+                         exc_info=exc_info)
         if retried:
-            logger.info("celery_batched: batch of %d %s: %d item(s) sent for retry", n, name, retried)
+            logger.info("celery_batched: batch %s of %d %s: %d item(s) sent for retry", batch_id,
+                        n, name, retried)
 
     def fail_all(self, exc: BaseException, runtime: float) -> BatchReply:
         """The batch broke outside the function: fail every item (or hand it back)."""

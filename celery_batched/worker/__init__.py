@@ -15,7 +15,7 @@ Read in this order -- it is the data path, from a message to its acknowledgement
 
 Around them: ``bootstep`` is the thin Celery step that builds ``service``, which wires it all
 per worker and per broker connection (``Buffers``: one connection's open buffers); ``observers``
-tells every batch's flush, execution and end to ``observe`` (stats, metrics), the latency model
-and users' observers; ``control`` answers the remote-control commands; ``checks`` refuses
+tells every batch's flush, execution and end to ``observe`` (stats, recent batches, metrics),
+the latency model and users' observers; ``control`` answers the remote-control commands; ``checks`` refuses
 configurations that would lose items; ``in_flight`` counts what a shutdown waits for.
 """

@@ -19,19 +19,32 @@ from .prefetch import TaskCredit
 if TYPE_CHECKING:
     from .item import Item
 
-_batch_ids = itertools.count(1)
-_id_prefix = uuid.uuid4().hex[:6]
+
+
+class BatchIds:
+    """Batch ids unique across a fleet: ``<node name>:<6 hex per worker start>-<counter>``, e.g.
+    ``worker@gpu-3:3f2a1c-17``. The node name says which worker to ask (``inspect batch``); the
+    random tag tells apart two starts of the same node."""
+
+    __slots__ = ("prefix", "_counter")
+
+    def __init__(self, hostname: str | None) -> None:
+        self.prefix = f"{hostname or 'worker'}:{uuid.uuid4().hex[:6]}-"
+        self._counter = itertools.count(1)
+
+    def __next__(self) -> str:
+        return f"{self.prefix}{next(self._counter)}"
 
 
 class Batch:
     """One flushed batch, from the flush to its last ack."""
 
     __slots__ = ("id", "task", "items", "credit", "reason", "first_buffered_at", "flushed_at",
-                 "want_repr", "preset_errors", "_waits")
+                 "want_repr", "preset_errors", "runtime_s", "_waits")
 
     def __init__(self, task: BatchedTaskLike, items: Sequence[Item], credit: TaskCredit, reason: FlushReason,
-                 want_repr: bool) -> None:
-        self.id = f"{_id_prefix}-{next(_batch_ids)}"
+                 want_repr: bool, batch_id: str) -> None:
+        self.id = batch_id
         self.task = task
         self.items = items
         self.credit = credit
@@ -45,6 +58,8 @@ class Batch:
         if reason is FlushReason.INVALID:
             self.preset_errors = {i: it.error for i, it in enumerate(items)
                                   if it.error is not None} or None
+        #: Seconds the batch took in the pool, once it answered.
+        self.runtime_s: float | None = None
         self._waits: list[float] | None = None
 
     def waits(self) -> list[float]:

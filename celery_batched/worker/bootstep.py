@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from celery import bootsteps
+import click
+from celery import Celery, bootsteps
 from celery.utils.log import get_logger
 from celery.worker.consumer import Consumer
 
@@ -20,6 +21,35 @@ from .service import BatchingService
 
 logger = get_logger(__name__)
 
+#: ``celery worker`` options of batching (Celery's ``app.user_options["worker"]``); Celery hands
+#: their values to every bootstep's ``__init__``. Each one also has an environment variable and
+#: an app setting (``service.metrics_settings``): per worker on the command line, per deployment
+#: in the environment, per app in the config.
+WORKER_OPTIONS = (
+    click.Option(["--batching-metrics-port"], type=click.IntRange(0, 65535), default=None,
+                 help="Serve batching's Prometheus /metrics on this port (0: any free port, "
+                      "logged at start-up). Env: CELERY_BATCHED_METRICS_PORT; app setting: "
+                      "batching_metrics_port."),
+    click.Option(["--batching-metrics-addr"], default=None,
+                 help="Address the /metrics server listens on (default 127.0.0.1; 0.0.0.0 in "
+                      "a container). Env: CELERY_BATCHED_METRICS_ADDR; app setting: "
+                      "batching_metrics_addr."),
+    click.Option(["--batching-pool-devices"], default=None,
+                 help="Pin prefork pool process i to device i (modulo) of this comma-separated "
+                      "list, as CUDA_VISIBLE_DEVICES: 0,1 runs one process per GPU, 0,0 two "
+                      "processes on GPU 0. Env: CELERY_BATCHED_POOL_DEVICES; app setting: "
+                      "batching_pool_devices."),
+)
+
+
+def add_worker_options(app: Celery) -> None:
+    """Offer ``--batching-metrics-port``/``-addr`` and ``--batching-pool-devices`` on
+    ``celery worker``."""
+    have = {o.name for o in app.user_options["worker"]}
+    for option in WORKER_OPTIONS:
+        if option.name not in have:
+            app.user_options["worker"].add(option)
+
 
 class BatchingStep(bootsteps.StartStopStep):
     """Buffers batched tasks' messages in the consumer and flushes them to the pool."""
@@ -27,12 +57,14 @@ class BatchingStep(bootsteps.StartStopStep):
     name = "celery_batched.Batching"
     requires = ("celery.worker.consumer.tasks:Tasks",)
 
-    def __init__(self, c: Consumer, batching_pool_devices: str | None = None,
-                 **kwargs: Any) -> None:
+    def __init__(self, c: Consumer, batching_metrics_port: int | None = None,
+                 batching_metrics_addr: str | None = None,
+                 batching_pool_devices: str | None = None, **kwargs: Any) -> None:
         super().__init__(c, **kwargs)
         # Celery's own consumer steps publish themselves on the consumer (c.heart, c.gossip);
         # the batched tasks' strategies and the remote-control commands find the service here.
         self.service = c.batching = BatchingService(c, pool_devices=batching_pool_devices)
+        self.service.cli_metrics = (batching_metrics_port, batching_metrics_addr)
 
     def start(self, c: Consumer) -> None:
         self.service.start(c)

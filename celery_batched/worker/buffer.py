@@ -12,10 +12,10 @@ The policies (``policies.py``) refine it:
   first (reason ``max_batch_cost``); a batch that reaches the bound is flushed; an item costing
   more than the bound on its own runs alone.
 * ``max_latency_ms``: the clock is the latency target's deadline (``latency.py``), and a batch
-  that can't fill in time is flushed at once (reason ``latency target``).
+  that can't fill in time is flushed at once (reason ``latency_target``).
 
 If every pool process is busy when a batch's time is up, it couldn't start anyway, so it keeps
-filling until a process is free (``flush_if_due``, reason ``slot free``) or it is full.
+filling until a process is free (``flush_if_due``, reason ``slot_free``) or it is full.
 
 Everything here runs on the consumer's thread: puts come from the strategy, timer callbacks from
 the event loop's timer (or Celery's timer thread for transports without an event loop; hence the
@@ -43,12 +43,12 @@ class FlushReason(StrEnum):
 
     SIZE = "size"
     WAIT = "wait_ms"
-    SLOT_FREE = "slot free"
+    SLOT_FREE = "slot_free"
     COST = "max_batch_cost"
     KEY_LIMIT = "max_open_keys"
-    LATENCY = "latency target"
+    LATENCY = "latency_target"
     #: An item that could not join a batch (its key or cost raised): alone, and not run.
-    INVALID = "invalid item"
+    INVALID = "invalid_item"
     RECONFIGURED = "reconfigured"
 
 

@@ -61,11 +61,13 @@ class Completion:
         events = self._events_on(task)
         send = self.consumer.event_dispatcher.send if events else None
         done: list[Any] = []
-        handed_back = failed = 0
+        handed_back = failed = retried = 0
         lost: list[str] = []
+        states: list[str] = []  # each item's outcome, for the observers (``inspect batch``)
         # Each item's share of the batch's time: summed over items (Flower's runtime metric),
-        # it is the time the batch took, not n times that. The whole is ``batch_runtime``.
+        # it is the time the batch took, not n times that. The whole is ``batch_runtime_s``.
         share = reply.runtime / len(items)
+        batch.runtime_s = reply.runtime  # failed items' events carry it too (``batch_fields``)
         written_iter = iter(written or ())
         for i, code in enumerate(reply.codes):  # ints, compared with the IntEnum's values
             item = items[i]
@@ -75,16 +77,23 @@ class Completion:
                 code = int(status)
             if code == Outcome.DONE:
                 done.append(item)
+                states.append(SUCCEEDED)
                 if send is not None:
                     send("task-succeeded", uuid=item.id, result=extra, runtime=share,
-                         batch_runtime=round(reply.runtime, 6), **batch_fields(batch, item))
+                         **batch_fields(batch, item))
             elif code in (Outcome.FAILED, Outcome.RETRIED):
                 if self._handle(batch, item, events, "on_success", ((1, extra, share),),
-                                stored=True):
+                                stored=True, runtime=share):
                     handed_back += 1
+                    states.append(HANDED_BACK)
+                elif code == Outcome.FAILED:
+                    failed += 1
+                    states.append(FAILED)
                 else:
-                    failed += code == Outcome.FAILED
+                    retried += 1
+                    states.append(RETRIED)
             elif code == Outcome.UNSTORED:
+                states.append(HANDED_BACK)
                 if acks_late:
                     handed_back += 1
                     self._hand_back(item)
@@ -104,26 +113,28 @@ class Completion:
                          "stored, and their messages were acknowledged when the batch started "
                          "(acks_late=False): they stay PENDING. Keep acks_late=True (the "
                          "default) to have them run again instead. Items: %s", batch.id,
-                         task.name, len(lost), " ".join(lost[:10])
-                         + (f" and {len(lost) - 10} more" if len(lost) > 10 else ""))
-        self._log(batch, reply, len(done))
+                         task.name, len(lost), _bounded_ids(lost))
+        self._log(batch, reply, len(done), failed, retried, handed_back + len(lost))
         self.observers.finished(batch, BatchOutcome(
-            len(done), failed, len(items) - len(done) - failed - handed_back - len(lost),
-            handed_back + len(lost), reply.runtime))
+            len(done), failed, retried, handed_back + len(lost), reply.runtime, tuple(states),
+            reply.setup_s, reply.raised))
         batch.credit.release(len(items))
 
     def failed(self, batch: Batch, exc_info: ExceptionInfo) -> None:
         """The pool lost the job (worker lost, terminated, hard time limit): Celery's handling,
         except that no item is acknowledged before its failure is stored."""
         events = self._events_on(batch.task)
-        handed_back = sum(self._handle(batch, item, events, "on_failure", (exc_info,))
-                          for item in batch.items)
+        states = tuple(HANDED_BACK if self._handle(batch, item, events, "on_failure", (exc_info,))
+                       else FAILED for item in batch.items)
+        handed_back = states.count(HANDED_BACK)
         self.observers.finished(batch, BatchOutcome(
-            0, len(batch.items) - handed_back, 0, handed_back, None))
-        logger.error("celery_batched: batch %s of %d %s failed in the pool: %r%s", batch.id,
-                     len(batch.items), batch.task.name, getattr(exc_info, "exception", exc_info),
+            0, len(batch.items) - handed_back, 0, handed_back, None, states))
+        logger.error("celery_batched: batch %s of %d %s failed in the pool: %r%s; items: %s",
+                     batch.id, len(batch.items), batch.task.name,
+                     getattr(exc_info, "exception", exc_info),
                      f"; {handed_back} item(s) handed back to the broker: their failure could "
-                     f"not be stored" if handed_back else "")
+                     f"not be stored" if handed_back else "",
+                     _bounded_ids([it.id for it in batch.items]))
         batch.credit.release(len(batch.items))
 
     def timed_out(self, batch: Batch, soft: bool, timeout: float) -> None:
@@ -136,7 +147,7 @@ class Completion:
             self._handle(batch, item, events, "on_timeout", (soft, timeout))
 
     def _handle(self, batch: Batch, item: Item, events: bool, handler: str, args: tuple[Any, ...],
-                stored: bool = False) -> bool:
+                stored: bool = False, runtime: float | None = None) -> bool:
         """Celery's ``Request.<handler>(*args)`` for one item, its acknowledgement held until
         the handler returned; True if the item went back to the broker instead.
 
@@ -145,7 +156,7 @@ class Completion:
         reason (Celery's re-raises a ``MemoryError`` before it acknowledges anything) is
         finished here, so that no item is left unacknowledged with its prefetch slot freed.
         """
-        req = self._request(batch, item, events)
+        req = self._request(batch, item, events, runtime)
         held = worker.HeldAcks(req)
         try:
             getattr(req, handler)(*args)
@@ -177,25 +188,53 @@ class Completion:
         worker.task_ready(item)
 
     @staticmethod
-    def _request(batch: Batch, item: Item, events: bool) -> Any:
-        """The item's Celery ``Request``, whose own events carry the batch fields."""
+    def _request(batch: Batch, item: Item, events: bool, runtime: float | None = None) -> Any:
+        """The item's Celery ``Request``, whose own events carry the batch fields -- and, for a
+        failed or retried item, its share of the batch's time as ``runtime``, which Celery's
+        events leave out: Flower's runtime metric then counts the time of batches that failed."""
         req = item.request()
         if events:
-            worker.with_batch_events(
-                req, lambda eventer: BatchEventer(eventer, batch_fields(batch, item)))
+            fields = batch_fields(batch, item)
+            if runtime is not None:
+                fields["runtime"] = runtime
+            worker.with_batch_events(req, lambda eventer: BatchEventer(eventer, fields))
         return req
 
-    def _log(self, batch: Batch, reply: BatchReply, succeeded: int) -> None:
+    def _log(self, batch: Batch, reply: BatchReply, succeeded: int, failed: int, retried: int,
+             handed_back: int) -> None:
         if logger.isEnabledFor(logging.INFO):
             # One line per batch, never payloads (Celery's per-task success line logs the result).
             n = len(batch.items)
-            waited = (batch.flushed_at - batch.first_buffered_at) * 1000
-            logger.info("Batch %s of %d %s (%s) done in %.3fs (function %.3fs, longest wait "
-                        "%.0f ms): %d succeeded, %d failed, retried or handed back",
-                        batch.id, n, batch.task.name, batch.reason, reply.runtime, reply.call_s,
-                        waited, succeeded, n - succeeded)
+            setup = f", setup {_duration(reply.setup_s)}" if reply.setup_s else ""
+            logger.info("Batch %s of %d %s (%s) done in %s (function %s%s, longest wait %s): "
+                        "%d succeeded, %d failed, %d retried, %d handed back",
+                        batch.id, n, batch.task.name, batch.reason, _duration(reply.runtime),
+                        _duration(reply.call_s), setup,
+                        _duration(batch.flushed_at - batch.first_buffered_at),
+                        succeeded, failed, retried, handed_back)
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("Batch %s items: %s", batch.id, " ".join(it.id for it in batch.items))
+
+
+#: An item's outcome as the observers are told it (``BatchOutcome.items``) and metrics label it.
+SUCCEEDED, FAILED, RETRIED, HANDED_BACK = "succeeded", "failed", "retried", "handed_back"
+#: Item ids a log line names, at most (``inspect batch <id>`` lists them all).
+LOGGED_IDS = 10
+
+
+def _bounded_ids(ids: list[str]) -> str:
+    more = len(ids) - LOGGED_IDS
+    return " ".join(ids[:LOGGED_IDS]) + (f" and {more} more" if more > 0 else "")
+
+
+def _duration(seconds: float) -> str:
+    """``181 ms``, ``0.42 ms``, ``2.35 s``: readable at every scale a batch takes."""
+    if seconds >= 10:
+        return f"{seconds:.1f} s"
+    if seconds >= 1:
+        return f"{seconds:.2f} s"
+    ms = seconds * 1000
+    return f"{ms:.0f} ms" if ms >= 10 else f"{ms:.2g} ms"
 
 
 def _exception_text(einfo: Any) -> str:
@@ -213,6 +252,10 @@ def _guard(handler: Callable[..., Any], *args: Any) -> None:
 
 
 def batch_fields(batch: Batch, item: Item) -> dict[str, Any]:
-    """Which batch an item ran in, for its events (``_internals.events.BATCH_FIELDS``)."""
-    return {"batch_id": batch.id, "batch_size": len(batch.items), "flush_reason": batch.reason,
-            "buffer_wait_ms": round((batch.flushed_at - item.buffered_at) * 1000.0, 1)}
+    """Which batch an item ran in, for its events (``_internals.events.BATCH_FIELDS``); once the
+    pool answered, the whole batch's time too (``batch_runtime_s``), failed items included."""
+    fields = {"batch_id": batch.id, "batch_size": len(batch.items), "flush_reason": batch.reason,
+              "buffer_wait_ms": round((batch.flushed_at - item.buffered_at) * 1000.0, 1)}
+    if batch.runtime_s is not None:
+        fields["batch_runtime_s"] = round(batch.runtime_s, 6)
+    return fields

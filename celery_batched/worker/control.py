@@ -4,6 +4,8 @@
   flushes by reason, percentiles of batch size, buffer wait and execution time over the recent
   batches, the settings in force, what is buffered and held.
 * ``celery -A proj inspect batching_config`` -- the settings in force, per batched task.
+* ``celery -A proj inspect batch <batch_id or item id>`` -- one of the worker's recent
+  batches: its items and what became of each (``observe/history.py``).
 * ``celery -A proj control configure_batching proj.embed max_batch_size=128 wait_ms=10`` --
   new settings on running workers, checked as at definition; the reply names the settings in
   force, or the error. (Celery keeps one type per command name, so the inspect command that
@@ -14,12 +16,13 @@
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from celery.worker.control import Panel, control_command, inspect_command
 
-from ..errors import BatchedTaskOptionError
+from ..errors import BatchedTaskDefinitionError, BatchedTaskOptionError
 from ..spec import RECONFIGURABLE
 
 
@@ -44,6 +47,24 @@ def batching_config(state: Any, **kwargs: Any) -> dict[str, Any]:
             if getattr(task, "_batch_spec", None) is not None}
 
 
+@inspect_command(
+    args=[("batch_id", str)],
+    signature="<batch_id or item id>",
+)
+def batch(state: Any, batch_id: str, **kwargs: Any) -> dict[str, Any]:
+    """One of this worker's recent batches, by its id or one of its items' ids: every item's
+    id and outcome, the flush reason, the time it took, whether the function raised."""
+    batching = _batching(state)
+    if batching is None:
+        return {"error": "this worker has no batching bootstep"}
+    found = batching.history.find(batch_id) or batching.history.for_item(batch_id)
+    if found is None:
+        return {"error": f"{batch_id} is not among this worker's last {batching.history.size} "
+                         f"batches (nor an item of one); a batch id starts with the node name "
+                         f"of the worker that ran it: ask that one (-d <node name>)"}
+    return found
+
+
 @control_command(
     args=[("task_name", str)],
     variadic="settings",
@@ -54,7 +75,12 @@ def configure_batching(state: Any, task_name: str, settings: Any = None,
     """Change a batched task's settings on running workers (until they restart)."""
     task = state.app.tasks.get(task_name)
     if task is None or getattr(task, "_batch_spec", None) is None:
-        return {"error": f"{task_name} is not a batched task of this worker"}
+        batched = sorted(name for name, t in state.app.tasks.items()
+                         if getattr(t, "_batch_spec", None) is not None)
+        close = difflib.get_close_matches(task_name, batched, n=1, cutoff=0.6)
+        hint = (f"; did you mean {close[0]}?" if close else
+                f"; its batched tasks: {', '.join(batched) or 'none'}")
+        return {"error": f"{task_name} is not a batched task of this worker{hint}"}
     batching = _batching(state)
     if batching is None:
         return {"error": "this worker has no batching bootstep"}
@@ -65,7 +91,7 @@ def configure_batching(state: Any, task_name: str, settings: Any = None,
                 f"{task_name}: nothing to change; give option=value pairs, e.g. "
                 f"max_batch_size=128 wait_ms=10")
         return {"ok": batching.reconfigure(task, changes)}
-    except BatchedTaskOptionError as exc:
+    except BatchedTaskDefinitionError as exc:  # a wrong type or range: the check's own words
         return {"error": str(exc)}
 
 

@@ -18,7 +18,7 @@ from .._internals import worker
 from ..observers import BatchOutcome, Observers
 from ..pool.execution import execute_batch
 from ..protocol import BatchReply, Outcome
-from .batch import Batch
+from .batch import Batch, BatchIds
 from .buffer import FlushReason
 from .completion import Completion, batch_fields
 from .handoff import ConsumerThread
@@ -44,6 +44,7 @@ class BatchDispatcher:
         self.observers = observers
         self.on_slot_free = on_slot_free
         self.in_flight = 0
+        self.batch_ids = BatchIds(self.hostname)
         self.result_extended = bool(consumer.app.conf.find_value_for_key("extended", "result"))
 
     def pool_busy(self) -> bool:
@@ -58,7 +59,8 @@ class BatchDispatcher:
             return
         task = live[0].task
         batch = Batch(task, live, credit, reason,
-                      worker.task_events_on(self.consumer.event_dispatcher, task))
+                      worker.task_events_on(self.consumer.event_dispatcher, task),
+                      next(self.batch_ids))
         self.in_flight += 1
         self.observers.flushed(batch)
         call = self.thread.call
@@ -67,7 +69,7 @@ class BatchDispatcher:
                 execute_batch,
                 args=(task, [it.wire() for it in live], batch.want_repr, self.hostname,
                       batch.preset_errors,
-                      _batch_meta(batch) if self.result_extended else None),
+                      _batch_meta(batch) if self.result_extended else None, batch.id),
                 accept_callback=lambda pid, t: call(self.completion.accepted, batch, pid, t),
                 callback=lambda reply: call(self._done, batch, reply),
                 error_callback=lambda exc_info: call(self._failed, batch, exc_info),
@@ -84,7 +86,8 @@ class BatchDispatcher:
                 worker.task_ready(it)
             credit.release(len(live))
             self.in_flight -= 1
-            self.observers.finished(batch, BatchOutcome(0, 0, 0, len(live), None))
+            self.observers.finished(batch, BatchOutcome(0, 0, 0, len(live), None,
+                                                            ("handed_back",) * len(live)))
 
     def _done(self, batch: Batch, reply: BatchReply | ExceptionInfo) -> None:
         self.in_flight -= 1

@@ -15,6 +15,7 @@ slots go to the buffers), then per connection the buffers.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from collections.abc import Callable
 from typing import Any, ContextManager
@@ -26,6 +27,7 @@ from celery.worker.consumer import Consumer
 from .. import observers, tuning
 from .._internals import worker
 from .._internals.kombu_redis import guard_close, install_bulk_fetch
+from ..errors import WorkerConfigurationError
 from ..observers import Observers
 from ..pool import devices
 from ..protocol import BatchedTaskLike
@@ -35,9 +37,10 @@ from .completion import Completion
 from .dispatch import BatchDispatcher
 from .handoff import ConsumerThread
 from .latency import LatencyModels
+from .observe.history import BatchHistory
 from .observe.metrics import BatchMetrics
 from .observe.records import TaskRecord, TaskRecords
-from .prefetch import Prefetch
+from .prefetch import PREFETCH_COUNT_MAX, Prefetch
 from .writer import ResultWriter
 
 logger = get_logger(__name__)
@@ -111,6 +114,8 @@ class BatchingService:
         self._pinning = devices.pin_children(consumer.app, consumer.pool, pool_devices)
         #: What ``inspect batching_stats`` reports, per task.
         self.records = TaskRecords()
+        #: What ``inspect batch <id>`` answers: the recent batches' items and outcomes.
+        self.history = BatchHistory()
         #: What ``max_latency_ms`` learned, per task; it survives reconnects.
         self.latency_models = LatencyModels()
         #: Prometheus metrics, when ``batching_metrics_port`` is set (``observe/metrics.py``).
@@ -127,6 +132,10 @@ class BatchingService:
         self.dispatcher: BatchDispatcher | None = None
         self.prefetch: Prefetch | None = None
         self._previous_switch: float | None = None
+        #: ``--batching-metrics-port``/``--batching-metrics-addr`` as given (the bootstep's).
+        self.cli_metrics: tuple[int | None, str | None] = (None, None)
+        #: The batched queues this worker consumes, for the metrics' broker backlog.
+        self.queues: list[str] = []
         # Before the pool forks its processes: they start with the heap frozen too, so their
         # own freeze after setup() collects only what was made since.
         self._froze = tuning.freeze_startup_heap(consumer.app)
@@ -147,12 +156,13 @@ class BatchingService:
                      getattr(c.controller, "max_concurrency", None) or self.slots())
         self._previous_switch = tuning.shorten_switch_interval(c.app)
         thread = self.thread = ConsumerThread(c, self.thread_lock)
-        port = c.app.conf.get("batching_metrics_port")
-        if port:
-            self.metrics = BatchMetrics(self.buffers.sizes)
-            self.metrics.serve(int(port), c.app.conf.get("batching_metrics_addr") or "127.0.0.1")
+        port, addr = metrics_settings(c.app, *self.cli_metrics)
+        if port is not None:
+            self.metrics = BatchMetrics(self.buffers.sizes, self._gauges, self._backlog)
+            bound = self.metrics.serve(port, addr)
+            logger.info("celery_batched: Prometheus metrics at http://%s:%d/metrics", addr, bound)
         self.observers = Observers([
-            self.records, self.latency_models, *([self.metrics] if self.metrics else []),
+            self.records, self.history, self.latency_models, *([self.metrics] if self.metrics else []),
             *observers.from_config(c.app.conf.get("batching_observers"))])
         completion = Completion(c, thread.call_ack, self.observers)
         self.writer = ResultWriter(
@@ -171,6 +181,8 @@ class BatchingService:
                 install_bulk_fetch(c.task_consumer.channel, self._direct_receiver)
         disable = bool(c.app.conf.get("worker_disable_prefetch")) and \
             c.connection.transport.driver_type == "redis"
+        if c.task_consumer is not None:
+            self.queues = [q.name for q in c.task_consumer.queues]
         self.prefetch = Prefetch(c.qos, self.slots, disable_prefetch=disable)
         self.buffers.connect(self.prefetch, self.dispatcher, self.thread_lock)
         if disable and c.task_consumer is not None:
@@ -267,13 +279,65 @@ class BatchingService:
                 latency.reconfigure(spec.max_latency_ms, spec.max_batch_size)
         logger.info("celery_batched: %s reconfigured: %s", task.name,
                     " ".join(f"{k}={v}" for k, v in sorted(changes.items())))
+        warnings = []
         static = self.prefetch.static if self.prefetch is not None else None
         if static is not None and spec.max_batch_size > previous.max_batch_size:
-            logger.warning("celery_batched: %s max_batch_size=%d can't raise the prefetch count: "
-                           "RabbitMQ applies it per consumer (quorum queue), set once before "
-                           "consuming (%d) until the consumer reconnects; batches may not fill",
-                           task.name, spec.max_batch_size, static)
-        return spec.settings()
+            warnings.append(
+                f"{task.name} max_batch_size={spec.max_batch_size} can't raise the prefetch "
+                f"count: RabbitMQ applies it per consumer (quorum queue), set once before "
+                f"consuming ({static}) until the consumer reconnects; batches may not fill")
+        holds = spec.max_batch_size * (self.slots() + 2)
+        if holds > PREFETCH_COUNT_MAX:
+            warnings.append(
+                f"{task.name} max_batch_size={spec.max_batch_size}: this worker would hold "
+                f"{holds} messages to fill its batches ({self.slots()} pool process(es) + 2 "
+                f"batches), but a broker's prefetch count stops at {PREFETCH_COUNT_MAX}: "
+                f"batches will not fill; keep max_batch_size <= "
+                f"{PREFETCH_COUNT_MAX // (self.slots() + 2)}")
+        for warning in warnings:
+            logger.warning("celery_batched: %s", warning)
+        settings = spec.settings()
+        if warnings:
+            settings["warnings"] = warnings
+        return settings
+
+    def _gauges(self) -> dict[str, dict[str, float | None]]:
+        """Per batched task, now: items held (buffered, running or being stored), and the
+        settings in force (``configure_batching`` changes show)."""
+        buffers = self.buffers.by_task
+        out: dict[str, dict[str, float | None]] = {}
+        for name, task in list(self.consumer.app.tasks.items()):
+            spec = getattr(task, "_batch_spec", None)
+            if spec is None:
+                continue
+            buffer = buffers.get(name)
+            out[name] = {"held_items": buffer.credit.held if buffer is not None else 0,
+                         "max_batch_size": spec.max_batch_size,
+                         "wait_seconds": spec.wait_s if spec.max_latency_ms is None else None,
+                         "max_latency_seconds": (None if spec.max_latency_ms is None
+                                                 else spec.max_latency_ms / 1000.0)}
+        return out
+
+    def _backlog(self) -> dict[str, int]:
+        """Messages waiting in the broker per consumed queue (not yet fetched by any worker):
+        one passive declare per queue on a connection of its own (the scrape's thread must not
+        use the consumer's)."""
+        out: dict[str, int] = {}
+        with self.consumer.app.connection_for_read(connect_timeout=2) as conn:
+            conn.ensure_connection(max_retries=1)
+            channel = conn.channel()
+            try:
+                for name in list(self.queues):
+                    try:
+                        out[name] = int(channel.queue_declare(queue=name,
+                                                              passive=True).message_count)
+                    except conn.channel_errors:  # no such queue (Redis: an empty one): none wait
+                        out[name] = 0
+                        channel.close()
+                        channel = conn.channel()  # AMQP closes a channel on a failed declare
+            finally:
+                channel.close()
+        return out
 
     def stats(self) -> dict[str, dict[str, Any]]:
         """``inspect batching_stats``: per task, its record, what waits, the settings in force."""
@@ -286,7 +350,7 @@ class BatchingService:
             out[name] = {
                 **record.snapshot(),
                 "buffered": len(buffer) if buffer else 0,
-                "held": buffer.credit.held if buffer else 0,
+                "held": buffer.credit.held if buffer is not None else 0,
                 "settings": task._batch_spec.settings() if task is not None else None,
             }
             if buffer is not None and buffer.spec.policy is not None:
@@ -295,6 +359,30 @@ class BatchingService:
             if model is not None:
                 out[name]["latency"] = model.snapshot()
         return out
+
+
+def metrics_settings(app: Any, cli_port: int | None,
+                     cli_addr: str | None) -> tuple[int | None, str]:
+    """Where ``/metrics`` is served: the worker's command line, else the environment
+    (``CELERY_BATCHED_METRICS_PORT``/``_ADDR``), else the app's config; port None = off, 0 = any
+    free port."""
+    port: Any = cli_port
+    if port is None:
+        port = os.environ.get("CELERY_BATCHED_METRICS_PORT") or app.conf.get(
+            "batching_metrics_port")
+    addr = (cli_addr or os.environ.get("CELERY_BATCHED_METRICS_ADDR")
+            or app.conf.get("batching_metrics_addr") or "127.0.0.1")
+    if port is None or port == "":
+        return None, addr
+    try:
+        number = int(port)
+    except (TypeError, ValueError):
+        number = -1
+    if not 0 <= number <= 65535:
+        raise WorkerConfigurationError(
+            f"batching metrics port {port!r} is not a port number (0-65535; 0 = any free port); "
+            f"fix --batching-metrics-port, CELERY_BATCHED_METRICS_PORT or batching_metrics_port")
+    return number, addr
 
 
 class _LockedTimer:

@@ -52,6 +52,8 @@ CONTAINER_NETWORK = {
     "UVICORN_PORT": ("8000", "web_port"),
     "FLOWER_ADDRESS": ("0.0.0.0", "listen"),
     "FLOWER_PORT": ("5555", "flower_port"),
+    "CELERY_BATCHED_METRICS_ADDR": ("0.0.0.0", "listen"),
+    "CELERY_BATCHED_METRICS_PORT": ("9808", "metrics_port"),
 }
 #: The Redis service's data directory in its container (a volume); replaced by a directory of
 #: the test's own, and a port and a loopback bind added.

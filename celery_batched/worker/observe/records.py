@@ -12,7 +12,7 @@ from collections import Counter, deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from ...observers import BatchObserver
+from ...observers import BatchObserver, BatchOutcome
 
 if TYPE_CHECKING:
     from ..batch import Batch
@@ -30,6 +30,9 @@ class TaskRecord:
         self.recent_sizes: deque[int] = deque(maxlen=WINDOW)
         self.recent_waits_ms: deque[float] = deque(maxlen=4 * WINDOW)
         self.recent_exec_ms: deque[float] = deque(maxlen=WINDOW)
+        #: Items by outcome, and batches whose function raised, since the worker started.
+        self.outcomes: Counter[str] = Counter()
+        self.raised_batches = 0
 
     def flushed(self, batch: Batch) -> None:
         n = len(batch.items)
@@ -41,6 +44,14 @@ class TaskRecord:
     def executed(self, runtime_s: float) -> None:
         self.recent_exec_ms.append(runtime_s * 1000.0)
 
+    def finished(self, outcome: BatchOutcome) -> None:
+        counts = self.outcomes
+        counts["succeeded"] += outcome.succeeded
+        counts["failed"] += outcome.failed
+        counts["retried"] += outcome.retried
+        counts["handed_back"] += outcome.handed_back
+        self.raised_batches += outcome.raised > 0
+
     def snapshot(self) -> dict[str, Any]:
         return {
             "batches": sum(self.sizes.values()),
@@ -48,6 +59,11 @@ class TaskRecord:
             # [size, batches] pairs in numeric order: JSON object keys would sort as strings.
             "batch_sizes": [[size, n] for size, n in sorted(self.sizes.items())],
             "flush_reasons": dict(self.reasons),
+            "succeeded": self.outcomes["succeeded"],
+            "failed": self.outcomes["failed"],
+            "retried": self.outcomes["retried"],
+            "handed_back": self.outcomes["handed_back"],
+            "batches_raised": self.raised_batches,
             "recent": {
                 "batches": len(self.recent_sizes),
                 "batch_size": percentiles(self.recent_sizes),
@@ -86,3 +102,6 @@ class TaskRecords(BatchObserver):
 
     def executed(self, batch: Batch, runtime_s: float) -> None:
         self.by_task[batch.task.name].executed(runtime_s)
+
+    def finished(self, batch: Batch, outcome: BatchOutcome) -> None:
+        self.by_task[batch.task.name].finished(outcome)
