@@ -22,6 +22,13 @@ def test_each_pool_process_sees_its_own_device(queue, start_worker):
     assert sorted(placements.values()) == ["7", "9"], placements  # two processes, one each
 
 
+def test_the_worker_option_overrides_the_environment(queue, start_worker):
+    """``--batching-pool-devices`` (per node in ``celery multi``: ``--batching-pool-devices:n1=1``)."""
+    start_worker(APP, queues=queue, concurrency=2, env={"CELERY_BATCHED_POOL_DEVICES": "7,9"},
+                 extra_args=("--batching-pool-devices", "4,6"))
+    assert sorted(_placements(queue).values()) == ["4", "6"]
+
+
 def test_processes_can_share_a_device(queue, start_worker):
     start_worker(APP, queues=queue, concurrency=2, env={"CELERY_BATCHED_POOL_DEVICES": "3, 3"})
     placements = _placements(queue)
@@ -53,3 +60,18 @@ def test_an_empty_device_id_is_refused():
     app = devices.make_app("devices-list", batching_pool_devices=[0, 1])
     assert configured(app) == ["0", "1"]
 
+
+
+def test_celery_multi_recipe_gives_each_node_its_device():
+    """The GPU guide's ``celery multi`` recipe: one node per GPU, each with its own devices."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "celery", "multi", "show", "gpu0", "gpu1", "-A", APP, "-Q", "gpu",
+         "-c", "2", "--batching-pool-devices:gpu0=0,0", "--batching-pool-devices:gpu1=1,1"],
+        capture_output=True, text=True, check=True).stdout
+    lines = [line for line in out.splitlines() if " worker " in line]
+    assert len(lines) == 2
+    assert "--batching-pool-devices=0,0" in lines[0] and "-n gpu0@" in lines[0]
+    assert "--batching-pool-devices=1,1" in lines[1] and "-n gpu1@" in lines[1]

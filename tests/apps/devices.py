@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import time
 
+import celery_batched
 from celery_batched import BatchedTask
 
 from ._common import make_app
 
 app = make_app("devices")
+celery_batched.install(app)  # the worker options, before `celery worker` reads its command line
 
 
 @app.task(base=BatchedTask, max_batch_size=2, wait_ms=50)
