@@ -11,6 +11,7 @@ from __future__ import annotations
 from ._internals.events import register_batch_fields as _register_batch_fields
 from .client.stats import batching_stats
 from .errors import (
+                     Backpressure,
                      BatchedTaskDefinitionError,
                      BatchedTaskOptionError,
                      BatchingNotInstalledError,
@@ -39,6 +40,7 @@ __all__ = [
     "BatchOutcome",
     "FlushReason",
     "CeleryBatchedError",
+    "Backpressure",
     "BatchedTaskDefinitionError",
     "BatchedTaskOptionError",
     "BatchingNotInstalledError",

@@ -111,3 +111,23 @@ class BulkPublishError(CeleryBatchedError):
 
     def __reduce__(self) -> tuple[object, ...]:
         return (type(self), (str(self), self.sent, self.uncertain))
+
+
+class Backpressure(CeleryBatchedError):
+    """A batched task's queue already holds ``max_backlog`` messages or more: the item was not
+    sent. Shed the load (HTTP 429/503 with ``Retry-After: retry_after``) or retry later.
+
+    ``backlog``: messages waiting in the broker queue when last read (at most half a second
+    ago); ``retry_after``: seconds until the backlog is expected under the bound at the drain
+    rate measured from this process's reads, or None before a drain has been measured.
+    """
+
+    def __init__(self, message: str, task: str = "", queue: str = "", backlog: int = 0,
+                 max_backlog: int = 0, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.task, self.queue, self.backlog = task, queue, backlog
+        self.max_backlog, self.retry_after = max_backlog, retry_after
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (str(self), self.task, self.queue, self.backlog, self.max_backlog,
+                             self.retry_after))

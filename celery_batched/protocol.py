@@ -77,6 +77,7 @@ class BatchedTaskLike(Protocol):
     time_limit: float | None
     soft_time_limit: float | None
     rate_limit: str | float | None
+    max_backlog: int | None
     isolate_failures: bool
     _batch_spec: BatchSpec
 

@@ -264,12 +264,25 @@ OPTIONS: Final[tuple[Option, ...]] = (
     Option("oom_errors", DEFAULT_OOM_ERRORS, "on these the batch is split in halves and re-run, "
            "down to single items; `()` never splits",
            default_text="`MemoryError`, `torch.cuda.OutOfMemoryError`"),
+    Option("max_backlog", None, "producers refuse to send (`Backpressure`) while the task's "
+           "queue holds this many messages (int ≥ 1; [backpressure](writing-tasks.md#backpressure))"),
 )
 DEFAULTS: Final[dict[str, Any]] = {o.name: o.default for o in OPTIONS}
 #: What ``BatchSpec.reconfigured`` (remote control: ``configure_batching``) may change, and the
 #: definition-time check of each.
 RECONFIGURABLE: Final[dict[str, Callable[[Any, str], Any]]] = {
     o.name: o.runtime_check for o in OPTIONS if o.runtime_check is not None}
+
+
+def check_max_backlog(value: object, task_name: str) -> int | None:
+    """``max_backlog``: None (no bound) or a whole number of messages >= 1."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise BatchedTaskOptionError(
+            f"{task_name}: max_backlog must be None (no bound) or an int >= 1 (messages waiting "
+            f"in the task's queue), got {value!r}")
+    return value
 
 
 def options_table() -> str:

@@ -9,12 +9,17 @@ from typing import Any, ClassVar
 from celery import Celery, Task
 
 from ._internals.trace import autoretry
+from .client import backlog
 from .client.submit import ItemResults, starmap_items
 from .encoding import plain
 from .pool.execution import call_batch
 from .retry import RetryItem
-from .spec import DEFAULTS, BatchSpec
+from .spec import DEFAULTS, BatchSpec, check_max_backlog
 from .worker.bootstep import BatchingStep, add_worker_options
+
+
+#: ``apply_async(max_backlog=...)`` not given: the task's own ``max_backlog``.
+_TASK_DEFAULT: Any = object()
 
 
 class BatchedTask(Task):
@@ -50,6 +55,9 @@ class BatchedTask(Task):
     #: Exceptions on which the batch is split in halves and re-run, down to single items (the
     #: default: ``MemoryError`` and ``torch.cuda.OutOfMemoryError``); ``()`` never splits.
     oom_errors: ClassVar[Any] = DEFAULTS["oom_errors"]
+    #: Producers refuse to send (``Backpressure``) while the task's queue holds this many
+    #: messages; None: no bound.
+    max_backlog: ClassVar[int | None] = DEFAULTS["max_backlog"]
     #: Messages are acknowledged after their results are stored: at-least-once delivery.
     acks_late = True
 
@@ -71,6 +79,7 @@ class BatchedTask(Task):
             max_latency_ms=cls.max_latency_ms,
             wait_ms_set=any("wait_ms" in k.__dict__ for k in cls.__mro__ if k is not BatchedTask),
             oom_errors=cls.oom_errors)
+        cls.max_backlog = check_max_backlog(cls.max_backlog, name)
         app = cls.__dict__.get("app")
         if isinstance(app, Celery):
             _install_bootstep(app)
@@ -81,6 +90,18 @@ class BatchedTask(Task):
 
     def setup(self) -> None:
         """Prepare this worker process for batches (load a model, open a client). Runs once."""
+
+    def apply_async(self, args: Any = None, kwargs: Any = None, task_id: str | None = None,
+                    producer: Any = None, link: Any = None, link_error: Any = None,
+                    shadow: str | None = None, max_backlog: Any = _TASK_DEFAULT,
+                    **options: Any) -> Any:
+        """Celery's ``apply_async``, refused with ``Backpressure`` while the queue holds
+        ``max_backlog`` messages (default: the task's option; None: no bound)."""
+        limit = self.max_backlog if max_backlog is _TASK_DEFAULT else max_backlog
+        if limit is not None:
+            backlog.check(self, 1, limit, options, args or (), kwargs)
+        return super().apply_async(args, kwargs, task_id, producer, link, link_error, shadow,
+                                   **options)
 
     def starmap_items(self, items: Iterable[Sequence[Any] | Mapping[str, Any]],
                       **options: Any) -> ItemResults:

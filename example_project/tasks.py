@@ -5,7 +5,8 @@
 * ``embed`` -- a class-based batched task: one forward pass of all-MiniLM-L6-v2 per batch
   (float16 on a GPU, float32 on the CPU); it returns the batch's NumPy array, one row per item.
   ``EXAMPLE_EMBED_BATCH_SIZE`` (default 32) sets its ``max_batch_size`` when this module is
-  imported: a GPU wants bigger batches (128) than a CPU.
+  imported: a GPU wants bigger batches (128) than a CPU. ``EXAMPLE_EMBED_MAX_BACKLOG`` (default
+  10,000) is its ``max_backlog``: past it the API answers 429 with ``Retry-After``.
 * ``embed_bucketed`` -- ``embed`` with length buckets (``batch_key``): short and long texts
   never share a forward pass, so short ones aren't padded to the longest.
 * ``embed_one`` -- an ordinary task, one forward pass per item: the baseline ``embed`` beats.
@@ -25,6 +26,8 @@ from .model import encode, encode_array, get_model
 
 #: ``embed``'s max_batch_size: 32 suits a CPU; set 128 for a GPU.
 EMBED_BATCH_SIZE = int(os.environ.get("EXAMPLE_EMBED_BATCH_SIZE") or 32)
+#: ``embed``'s max_backlog: messages waiting in the queue past which producers refuse items.
+EMBED_MAX_BACKLOG = int(os.environ.get("EXAMPLE_EMBED_MAX_BACKLOG") or 10_000)
 
 logger = get_task_logger(__name__)
 
@@ -62,6 +65,7 @@ class Embed(BatchedTask):
     name = "example_project.embed"
     max_batch_size = EMBED_BATCH_SIZE
     wait_ms = 20
+    max_backlog = EMBED_MAX_BACKLOG
 
     model: Any = None
 

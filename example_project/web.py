@@ -10,6 +10,9 @@ the item's batch: ``batch_id``, ``batch_size``, ... where the worker stored it, 
 A failed item answers 502 with its ``task_id`` and ``error``; when the function raised for its
 whole batch (so a neighbour may be the cause) also ``batch_id`` and ``note`` saying so. A body
 over ``EXAMPLE_API_MAX_BODY_BYTES`` (default 64 KiB) answers 413 before it is read to the end.
+While the ``gpu`` queue holds the task's ``max_backlog`` messages (``embed``:
+``EXAMPLE_EMBED_MAX_BACKLOG``, default 10,000) an item is not sent: 429 with ``Retry-After``,
+the seconds the measured drain needs to bring the queue under the bound.
 
 Each request sends ONE item; the worker batches the items of concurrent requests into one call
 (three concurrent ``/add`` requests make two ``batch_add`` executions, ``max_batch_size=2``).
@@ -43,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import math
 import os
 import re
 import uuid
@@ -53,6 +57,8 @@ from celery import states
 from fastapi import FastAPI, HTTPException
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
+
+from celery_batched import Backpressure
 
 from .celery_app import QUEUE, app
 from .tasks import batch_add, embed
@@ -169,6 +175,8 @@ class Health(BaseModel):
 _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     202: {"model": Accepted, "description": "no result in time: the item is queued, poll its status_url"},
     413: {"description": "the request body is over EXAMPLE_API_MAX_BODY_BYTES"},
+    429: {"description": "the task's queue holds max_backlog messages: retry after the "
+                         "Retry-After header's seconds"},
     502: {"description": "the task failed in the worker: detail has task_id, error, and for a "
                          "whole-batch error batch_id and note"},
     503: {"description": "the item could not be sent to the broker: it will not run"},
@@ -200,10 +208,14 @@ def _send_and_wait(task: Any, args: tuple[Any, ...], timeout: float) -> tuple[st
 
     Returns ``(task_id, state, value)``; ``state`` is None when the outcome is still unknown (no
     result in time, or the result backend unreachable meanwhile: the item is queued either way).
-    Raises :class:`HTTPException` 503 when sending failed.
+    Raises :class:`HTTPException` 429 (with ``Retry-After``) when the queue is over the task's
+    ``max_backlog`` and 503 when sending failed.
     """
     try:
         result = task.delay(*args)
+    except Backpressure as exc:  # shed the load: nothing was queued
+        raise HTTPException(429, str(exc), headers={
+            "Retry-After": str(max(1, math.ceil(exc.retry_after or 1)))}) from None
     except Exception as exc:  # kombu gave up after its publish retries: nothing was queued
         raise HTTPException(503, f"{task.name}: could not send the item to the broker: "
                                  f"{type(exc).__name__}: {exc}") from None

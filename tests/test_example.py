@@ -246,3 +246,26 @@ def test_api_502_names_the_item_and_the_batch_that_raised(redis_client: Any, que
     assert detail["batch_id"] in detail["note"] and "another item may have caused it" in \
         detail["note"], detail
     assert culprit.detail["batch_id"] == detail["batch_id"]
+
+
+def test_api_sheds_load_with_429_and_retry_after(example_app: Any, redis_client: Any,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past embed's max_backlog the API sends nothing and answers 429 with Retry-After (no
+    worker runs: the queue only grows)."""
+    from example_project.tasks import embed
+    from example_project.web import api
+
+    monkeypatch.setattr(type(embed), "max_backlog", 3)
+    embed.map_items(["one", "two", "three"])
+    assert redis_client.llen("gpu") == 3
+
+    async def post() -> httpx.Response:
+        transport = httpx.ASGITransport(app=api)
+        async with httpx.AsyncClient(transport=transport, base_url="http://example") as client:
+            return await client.post("/embed", json={"text": "four"})
+
+    shed = asyncio.run(post())
+    assert shed.status_code == 429, shed.text
+    assert int(shed.headers["Retry-After"]) >= 1
+    assert "queue 'gpu' holds 3 messages, and max_backlog is 3" in shed.json()["detail"]
+    assert redis_client.llen("gpu") == 3  # nothing was sent

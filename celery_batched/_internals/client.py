@@ -67,3 +67,22 @@ def producer_internals(producer: Any) -> tuple[Any, Any, Any]:
     ``kombu.messaging.Producer.publish`` (kombu 5.6-5.7)."""
     _, delivery_mode = producer._delivery_details("", None)
     return producer._prepare, producer._publish, delivery_mode
+
+
+def queue_messages(channel: Any, queue: str) -> int:
+    """Messages waiting in ``queue`` (not yet delivered to any consumer), in one round trip.
+
+    kombu's Redis transport: one pipeline of ``LLEN`` over the queue's priority lists -- what
+    ``Channel._size`` counts, without the ``EXISTS`` round trip that a passive
+    ``queue_declare`` adds (mirrors ``kombu.transport.redis.Channel._size``). Other transports:
+    a passive ``queue_declare``'s ``message_count`` (AMQP ``queue.declare-ok``); a queue that
+    doesn't exist holds nothing (the caller's channel is then closed by an AMQP broker).
+    """
+    from kombu.transport import redis as kombu_redis
+
+    if isinstance(channel, kombu_redis.Channel) and not channel.global_keyprefix:
+        with channel.conn_or_acquire() as client, client.pipeline(transaction=False) as pipe:
+            for pri in channel.priority_steps:
+                pipe.llen(channel._q_for_pri(queue, pri))
+            return int(sum(pipe.execute()))
+    return int(channel.queue_declare(queue=queue, passive=True).message_count)

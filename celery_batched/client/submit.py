@@ -30,6 +30,7 @@ from .._internals.client import LazyAsyncResult, prepare_event, producer_interna
 from .._internals.kombu_redis import RedisBulkPublisher
 from ..errors import ItemArgumentsError
 from ..protocol import BatchedTaskLike
+from . import backlog
 
 PUBLISH_BATCH_SIZE = 1000
 _MESSAGE_OPTIONS = ("countdown", "eta", "expires", "time_limit", "soft_time_limit",
@@ -107,18 +108,25 @@ def _wait_for_metas(backend: Any, ids: list[str], timeout: float | None,
 
 def starmap_items(task: BatchedTaskLike, items: Iterable[Sequence[Any] | Mapping[str, Any]],
                   **options: Any) -> ItemResults:
-    """Send one message per item (a tuple of positional args, or a dict of keyword args)."""
+    """Send one message per item (a tuple of positional args, or a dict of keyword args).
+
+    ``max_backlog`` (default: the task's) refuses them all with ``Backpressure`` when the queue
+    holds that many messages, or would with them.
+    """
     app = task.app
     spec = task._batch_spec
+    limit = options.pop("max_backlog", task.max_backlog)
     calls = [_split(item) for item in items]
     for index, (args, kwargs) in enumerate(calls):  # all checked before anything is sent
         try:
             spec.bind_item(args, kwargs)
         except ItemArgumentsError as exc:
             raise ItemArgumentsError(f"item {index}: {exc}") from None
+    backlog.check(task, len(calls), limit, options)
     if _needs_full_apply_async(task, options):
         with app.producer_or_acquire() as producer:
-            return ItemResults([task.apply_async(args, kwargs, producer=producer, **options)
+            return ItemResults([task.apply_async(args, kwargs, producer=producer,
+                                                 max_backlog=None, **options)
                                 for args, kwargs in calls], app)
     with app.producer_or_acquire() as producer:
         return ItemResults(_BulkSend(task, producer, options).send(calls), app)
