@@ -16,6 +16,8 @@ from __future__ import annotations
 from enum import IntEnum
 from typing import Any, NamedTuple, Protocol
 
+from celery import Celery
+
 from .spec import BatchSpec
 
 #: One message: headers, body (raw bytes, or an already decoded ``(args, kwargs, embed)``
@@ -65,7 +67,7 @@ class BatchedTaskLike(Protocol):
     """The attributes of a ``BatchedTask`` that the worker path reads."""
 
     name: str
-    app: Any
+    app: Celery
     backend: Any
     request_stack: Any
     request: Any

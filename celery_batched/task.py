@@ -17,7 +17,6 @@ from .retry import RetryItem
 from .spec import DEFAULTS, BatchSpec, check_max_backlog
 from .worker.bootstep import BatchingStep, add_worker_options
 
-
 #: ``apply_async(max_backlog=...)`` not given: the task's own ``max_backlog``.
 _TASK_DEFAULT: Any = object()
 

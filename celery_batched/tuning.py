@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import gc
 import sys
-from typing import Any
+
+from celery import Celery
 
 from .errors import WorkerConfigurationError
 
@@ -32,7 +33,7 @@ from .errors import WorkerConfigurationError
 PYTHON_DEFAULT_SWITCH_INTERVAL = 0.005
 
 
-def freeze_startup_heap(app: Any) -> bool:
+def freeze_startup_heap(app: Celery) -> bool:
     """Collect, then freeze what is left (unless the app's ``batching_gc_freeze`` is False).
 
     Called in the worker's main process while the consumer is assembled (before the pool forks,
@@ -47,7 +48,7 @@ def freeze_startup_heap(app: Any) -> bool:
     return True
 
 
-def shorten_switch_interval(app: Any) -> float | None:
+def shorten_switch_interval(app: Celery) -> float | None:
     """Set this process's GIL switch interval from ``batching_switch_interval``; the interval
     it replaced, or None where it left the interval alone."""
     wanted = app.conf.get("batching_switch_interval")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from celery import Celery
 from celery.app import app_or_default
 from celery.result import AsyncResult
 from vine import promise
@@ -19,7 +20,7 @@ class LazyAsyncResult(AsyncResult):
     """
 
     def __init__(self, id: str, backend: Any = None, task_name: str | None = None,
-                 app: Any = None, parent: Any = None) -> None:
+                 app: Celery = None, parent: Any = None) -> None:
         if id is None:
             raise ValueError(f"AsyncResult requires valid id, not {type(id)}")
         self.app = app_or_default(app or AsyncResult.__dict__.get("app"))

@@ -6,12 +6,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from celery import Celery
 from celery.worker import state as worker_state
 from kombu.serialization import prepare_accept_content
 from vine import promise
 
 
-def accepted_content_types(app: Any) -> frozenset[str]:
+def accepted_content_types(app: Celery) -> frozenset[str]:
     """The MIME types the worker accepts (``accept_content``), as kombu checks them on decode.
 
     Mirrors ``kombu.serialization.prepare_accept_content`` plus the trusted types that

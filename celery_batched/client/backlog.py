@@ -20,6 +20,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from celery import Celery
+
 from .._internals.client import queue_messages
 from ..errors import Backpressure
 
@@ -42,7 +44,7 @@ class _Queue:
 class BacklogGauge:
     """One app's view of its queues' lengths, shared by the threads of a producer process."""
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Celery) -> None:
         self.app = app
         self._queues: dict[str, _Queue] = {}
         self._lock = threading.Lock()
@@ -126,7 +128,7 @@ _gauges: dict[int, BacklogGauge] = {}
 _gauges_lock = threading.Lock()
 
 
-def gauge_for(app: Any) -> BacklogGauge:
+def gauge_for(app: Celery) -> BacklogGauge:
     """The app's gauge in this process (made on first use)."""
     gauge = _gauges.get(id(app))
     if gauge is None or gauge.app is not app:

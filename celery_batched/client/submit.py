@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from celery import signals, states
+from celery import Celery, signals, states
 from celery.result import AsyncResult, EagerResult, ResultSet
 from celery.utils.nodenames import anon_nodename
 from celery.utils.saferepr import saferepr
@@ -44,7 +44,7 @@ class ItemResults(list[AsyncResult]):
     subscribe to each result's channel while sending.
     """
 
-    def __init__(self, results: Iterable[AsyncResult], app: Any) -> None:
+    def __init__(self, results: Iterable[AsyncResult], app: Celery) -> None:
         super().__init__(results)
         self.app = app
 

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from billiard.process import current_process
-from celery import signals
+from celery import Celery, signals
 
 from ..errors import WorkerConfigurationError
 
@@ -33,7 +33,7 @@ SETTING = "batching_pool_devices"
 OPTION = "--batching-pool-devices"
 
 
-def configured(app: Any, option: str | None = None) -> list[str]:
+def configured(app: Celery, option: str | None = None) -> list[str]:
     """The devices named for this worker's pool processes (empty: none pinned)."""
     raw, source = option, OPTION
     if raw is None:
@@ -57,7 +57,7 @@ def configured(app: Any, option: str | None = None) -> list[str]:
     return devices
 
 
-def check_pool(app: Any, pool: Any, option: str | None = None) -> list[str]:
+def check_pool(app: Celery, pool: Any, option: str | None = None) -> list[str]:
     """At worker start: the devices, if this worker's pool can honour them (prefork only)."""
     from celery.concurrency.prefork import TaskPool as PreforkPool
 
@@ -82,7 +82,7 @@ def pin(devices: list[str]) -> str | None:
     return device
 
 
-def pin_children(app: Any, pool: Any, option: str | None = None) -> Callable[..., None] | None:
+def pin_children(app: Celery, pool: Any, option: str | None = None) -> Callable[..., None] | None:
     """Have each pool child pin its device as it starts (``worker_process_init``); the receiver
     (to disconnect at shutdown), or None when no devices are named."""
     devices = check_pool(app, pool, option)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from celery import Celery
 from kombu.exceptions import EncodeError, SerializerNotInstalled
 from kombu.serialization import dumps
 
@@ -22,11 +23,11 @@ logger = logging.getLogger(__name__)
 DEFAULT_VISIBILITY_TIMEOUT_S = 3600
 
 
-def batched_tasks(app: Any) -> list[BatchedTaskLike]:
+def batched_tasks(app: Celery) -> list[BatchedTaskLike]:
     return [t for t in app.tasks.values() if getattr(t, "_batch_spec", None) is not None]
 
 
-def check_worker(app: Any, transport_driver: str, slots: int = 1) -> None:
+def check_worker(app: Celery, transport_driver: str, slots: int = 1) -> None:
     """Run every check; raise the first hard failure. ``slots``: pool processes (the most,
     with ``--autoscale``)."""
     tasks = batched_tasks(app)
@@ -42,7 +43,7 @@ def check_worker(app: Any, transport_driver: str, slots: int = 1) -> None:
                 "pool processes instead", task.name, task.rate_limit)
 
 
-def check_result_serializer(app: Any) -> None:
+def check_result_serializer(app: Celery) -> None:
     """The result serializer must be able to encode a result at all.
 
     kombu registers a missing library's serializer either with an encoder that raises
@@ -63,7 +64,7 @@ def check_result_serializer(app: Any) -> None:
             f"result_serializer to 'json'.") from exc
 
 
-def check_visibility_timeout(app: Any, tasks: list[BatchedTaskLike], slots: int = 1) -> None:
+def check_visibility_timeout(app: Celery, tasks: list[BatchedTaskLike], slots: int = 1) -> None:
     """Redis redelivers a message unacknowledged for ``visibility_timeout``: a batched item that
     can stay unacknowledged longer would run twice, or forever.
 

@@ -20,7 +20,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, ContextManager
 
-from celery import signals
+from celery import Celery, signals
 from celery.utils.log import get_logger
 from celery.worker.consumer import Consumer
 
@@ -361,7 +361,7 @@ class BatchingService:
         return out
 
 
-def metrics_settings(app: Any, cli_port: int | None,
+def metrics_settings(app: Celery, cli_port: int | None,
                      cli_addr: str | None) -> tuple[int | None, str]:
     """Where ``/metrics`` is served: the worker's command line, else the environment
     (``CELERY_BATCHED_METRICS_PORT``/``_ADDR``), else the app's config; port None = off, 0 = any

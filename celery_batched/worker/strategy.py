@@ -16,7 +16,7 @@ import logging
 import time
 from typing import Any
 
-from celery import signals
+from celery import Celery, signals
 from celery.app import trace as _app_trace
 from celery.exceptions import InvalidTaskError
 from celery.utils.imports import symbol_by_name
@@ -35,7 +35,7 @@ from .item import Item, ItemSource
 logger = get_logger(__name__)
 
 
-def batching_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Any:
+def batching_strategy(task: Any, app: Celery, consumer: Any, **kwargs: Any) -> Any:
     """Build the message handler for one batched task (called by ``Task.start_strategy``).
 
     The handler takes Celery's arguments; its ``receive_direct`` attribute takes a bare kombu
