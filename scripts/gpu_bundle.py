@@ -7,7 +7,7 @@ the project's ``.venv``: it re-runs itself with ``.venv/bin/python`` when starte
 collects into ``.gpu_bundle/`` (git-ignored; pass it to the device tool as a ``carry`` path):
 
   wheels/         cp312 manylinux x86_64 wheels of the project's runtime dependencies (and
-                  hiredis, msgpack) missing from the GPU image, at the versions in .venv
+                  hiredis, msgpack, orjson) missing from the GPU image, at the versions in .venv
   wheels-cb/      the rest of what benchmarks/.venvs/celery-batches needs (celery-batches 0.11 on
                   celery<5.7, as CB_REQUIREMENTS in benchmarks/bench/cbatches.py), plus
                   requirements.txt with every pin; wheels that are already in wheels/ are not
@@ -49,7 +49,7 @@ PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x
              "manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux_2_5_x86_64",
              "manylinux1_x86_64"]
 # The project's runtime requirements (pyproject.toml [project].dependencies) plus extras we want.
-ROOTS = ["celery", "kombu", "redis", "packaging", "hiredis", "msgpack"]
+ROOTS = ["celery", "kombu", "redis", "packaging", "hiredis", "msgpack", "orjson"]
 # In the GPU image already (/work/.library/device/KINDS.md, "Python packages already there"):
 # not carried, so the image's torch/transformers keep the versions they were installed with.
 # msgpack is there too but is carried anyway (the brief asks for it; same ABI, harmless).
