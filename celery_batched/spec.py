@@ -25,7 +25,9 @@ from .policies import (
     check_cost_bound,
     check_max_latency_ms,
     check_max_open_keys,
+    check_preferred_batch_sizes,
     item_policy,
+    padded_size,
     resolve_oom_errors,
 )
 
@@ -78,6 +80,8 @@ class BatchSpec:
     max_latency_ms: float | None = None
     #: Exceptions on which a batch is split in halves and re-run (``policies.is_oom``).
     oom_errors: tuple[Any, ...] = ()
+    #: Sizes the function runs best at, ascending (``buffer.py`` flushes by time at them).
+    preferred_batch_sizes: tuple[int, ...] = ()
 
     @classmethod
     def from_function(cls, fun: Callable[..., Any], *, skip_first: bool, task_name: str,
@@ -85,8 +89,10 @@ class BatchSpec:
                       max_open_keys: object = DEFAULT_MAX_OPEN_KEYS, batch_cost: object = None,
                       max_batch_cost: object = None, max_latency_ms: object = None,
                       wait_ms_set: bool = False,
-                      oom_errors: object = DEFAULT_OOM_ERRORS) -> BatchSpec:
+                      oom_errors: object = DEFAULT_OOM_ERRORS,
+                      preferred_batch_sizes: object = None) -> BatchSpec:
         size = check_max_batch_size(max_batch_size, task_name)
+        preferred = check_preferred_batch_sizes(preferred_batch_sizes, size, task_name)
         wait = check_wait_ms(wait_ms, task_name)
         open_keys = check_max_open_keys(max_open_keys, task_name)
         cost_bound = check_cost_bound(batch_cost, max_batch_cost, task_name)
@@ -121,7 +127,7 @@ class BatchSpec:
                    is_async=inspect.iscoroutinefunction(fun), _index=index,
                    policy=item_policy(task_name, names, n_positional, batch_key, batch_cost),
                    max_open_keys=open_keys, max_batch_cost=cost_bound, max_latency_ms=latency,
-                   oom_errors=oom)
+                   oom_errors=oom, preferred_batch_sizes=preferred)
 
     def reconfigured(self, changes: Mapping[str, object]) -> BatchSpec:
         """This spec with some options changed on a running worker, checked as at definition.
@@ -162,7 +168,13 @@ class BatchSpec:
         if self.max_batch_cost is not None:
             out["max_batch_cost"] = self.max_batch_cost
         out["oom_errors"] = [_exc_name(e) for e in self.oom_errors]
+        if self.preferred_batch_sizes:
+            out["preferred_batch_sizes"] = list(self.preferred_batch_sizes)
         return out
+
+    def padded_size(self, n: int) -> int:
+        """The preferred batch size a call of ``n`` items runs at (``policies.padded_size``)."""
+        return padded_size(n, self.preferred_batch_sizes)
 
     @property
     def wait_s(self) -> float:
@@ -264,6 +276,10 @@ OPTIONS: Final[tuple[Option, ...]] = (
     Option("oom_errors", DEFAULT_OOM_ERRORS, "on these the batch is split in halves and re-run, "
            "down to single items; `()` never splits",
            default_text="`MemoryError`, `torch.cuda.OutOfMemoryError`"),
+    Option("preferred_batch_sizes", None, "sizes the function runs best at (CUDA graphs, "
+           "TensorRT): a batch flushed by time leaves at the largest that fits, the rest waits "
+           "once more; `task.padded_size(n)` gives the size to pad to "
+           "([Batching policies](policies.md))"),
 )
 DEFAULTS: Final[dict[str, Any]] = {o.name: o.default for o in OPTIONS}
 #: What ``BatchSpec.reconfigured`` (remote control: ``configure_batching``) may change, and the

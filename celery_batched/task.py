@@ -50,6 +50,8 @@ class BatchedTask(Task):
     #: Exceptions on which the batch is split in halves and re-run, down to single items (the
     #: default: ``MemoryError`` and ``torch.cuda.OutOfMemoryError``); ``()`` never splits.
     oom_errors: ClassVar[Any] = DEFAULTS["oom_errors"]
+    #: Batch sizes the function runs best at (fixed-shape engines); see ``padded_size``.
+    preferred_batch_sizes: ClassVar[Any] = DEFAULTS["preferred_batch_sizes"]
     #: Messages are acknowledged after their results are stored: at-least-once delivery.
     acks_late = True
 
@@ -70,7 +72,7 @@ class BatchedTask(Task):
             batch_cost=_option(cls, "batch_cost"), max_batch_cost=cls.max_batch_cost,
             max_latency_ms=cls.max_latency_ms,
             wait_ms_set=any("wait_ms" in k.__dict__ for k in cls.__mro__ if k is not BatchedTask),
-            oom_errors=cls.oom_errors)
+            oom_errors=cls.oom_errors, preferred_batch_sizes=cls.preferred_batch_sizes)
         app = cls.__dict__.get("app")
         if isinstance(app, Celery):
             _install_bootstep(app)
@@ -81,6 +83,14 @@ class BatchedTask(Task):
 
     def setup(self) -> None:
         """Prepare this worker process for batches (load a model, open a client). Runs once."""
+
+    def padded_size(self, n: int) -> int:
+        """The preferred batch size (``preferred_batch_sizes``) to pad a call of ``n`` items
+        to: the smallest that holds them, or ``n`` when none does. For the function itself::
+
+            x = pad(texts, embed.padded_size(len(texts)))   # the engine built for that size
+        """
+        return self._batch_spec.padded_size(n)
 
     def starmap_items(self, items: Iterable[Sequence[Any] | Mapping[str, Any]],
                       **options: Any) -> ItemResults:

@@ -13,6 +13,11 @@ The policies (``policies.py``) refine it:
   more than the bound on its own runs alone.
 * ``max_latency_ms``: the clock is the latency target's deadline (``latency.py``), and a batch
   that can't fill in time is flushed at once (reason ``latency target``).
+* ``preferred_batch_sizes``: a batch whose time is up (its clock, or a free process for a due
+  batch) leaves at the largest preferred size it holds (reason ``preferred size``); the rest,
+  its newest items, stays to fill for one more wait (a new ``wait_ms`` clock, or its own
+  latency deadline). An item is held back at most once: the next flush takes it, whatever the
+  size, so with ``wait_ms`` no item waits more than twice ``wait_ms``.
 
 If every pool process is busy when a batch's time is up, it couldn't start anyway, so it keeps
 filling until a process is free (``flush_if_due``, reason ``slot free``) or it is full.
@@ -24,8 +29,10 @@ lock), ``flush_if_due`` from the completion of a batch.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import threading
+import time
 from collections.abc import Callable, Hashable
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Protocol
@@ -50,7 +57,8 @@ class FlushReason(StrEnum):
     #: An item that could not join a batch (its key or cost raised): alone, and not run.
     INVALID = "invalid item"
     RECONFIGURED = "reconfigured"
-
+    #: A batch whose time was up left at a preferred size; its newest items wait once more.
+    PREFERRED = "preferred size"
 
 
 class TimerLike(Protocol):
@@ -65,7 +73,8 @@ _generations = itertools.count(1)
 class _Open:
     """The batch being filled for one key."""
 
-    __slots__ = ("items", "cost", "first_at", "generation", "timer", "deadline", "due")
+    __slots__ = ("items", "cost", "first_at", "generation", "timer", "deadline", "due", "held",
+                 "costs")
 
     def __init__(self, first_at: float) -> None:
         self.items: list[Item] = []
@@ -75,6 +84,10 @@ class _Open:
         self.timer: Any = None
         self.deadline = 0.0
         self.due = False
+        #: How many of the first items were already held back once (preferred sizes).
+        self.held = 0
+        #: Each item's cost, kept only where a batch may be cut (preferred sizes and a cost bound).
+        self.costs: list[float] | None = None
 
 
 class BatchBuffer:
@@ -94,6 +107,8 @@ class BatchBuffer:
         self._max_size = spec.max_batch_size
         self._max_cost = spec.max_batch_cost
         self._max_keys = spec.max_open_keys
+        self._preferred = _usable(spec)
+        self._keep_costs = bool(spec.preferred_batch_sizes) and self._max_cost is not None
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -117,6 +132,10 @@ class BatchBuffer:
                 batch = self._open[key] = _Open(item.buffered_at)
             batch.items.append(item)
             batch.cost += cost
+            if self._keep_costs:
+                if batch.costs is None:
+                    batch.costs = []
+                batch.costs.append(cost)
             self._count += 1
             n = len(batch.items)
             if n >= self._max_size:
@@ -167,6 +186,7 @@ class BatchBuffer:
             self._max_size = spec.max_batch_size
             self._max_cost = spec.max_batch_cost
             self._max_keys = spec.max_open_keys
+            self._preferred = _usable(spec)
             for key in list(self._open):
                 batch = self._open[key]
                 over_cost = self._max_cost is not None and batch.cost >= self._max_cost
@@ -196,8 +216,8 @@ class BatchBuffer:
                 key = next((k for k, b in self._open.items() if b.due), _NONE)
                 if key is _NONE or self._pool_busy():
                     return
-                items = self._take(key)
-            self._flush(items, self.credit, FlushReason.SLOT_FREE)
+                items, reason = self._take_due(key, FlushReason.SLOT_FREE)
+            self._flush(items, self.credit, reason)
 
     def _on_timer(self, key: Hashable, generation: int) -> None:
         with self._lock:
@@ -208,9 +228,35 @@ class BatchBuffer:
             if self._pool_busy():
                 batch.due = True
                 return
-            items = self._take(key)
-        reason = FlushReason.WAIT if self.latency is None else FlushReason.LATENCY
+            items, reason = self._take_due(
+                key, FlushReason.WAIT if self.latency is None else FlushReason.LATENCY)
         self._flush(items, self.credit, reason)
+
+    def _take_due(self, key: Hashable, reason: FlushReason) -> tuple[list[Item], FlushReason]:
+        """A batch whose time is up: all of it; or, with ``preferred_batch_sizes``, its oldest
+        items up to the largest preferred size that takes every item already held back, the
+        rest kept (held back once) with a new clock."""
+        batch = self._open[key]
+        n = len(batch.items)
+        cut = _cut(self._preferred, n, batch.held)
+        if not cut:
+            return self._take(key), reason
+        now = time.monotonic()
+        rest = batch.items[cut:]
+        deadline = now + self.spec.wait_s
+        if self.latency is not None:  # the rest keeps to its own target: no wait beyond it
+            deadline = self.latency.deadline(rest[0].buffered_at, len(rest))
+            if deadline <= now:
+                return self._take(key), reason
+        items = self._take(key)
+        kept = self._open[key] = _Open(rest[0].buffered_at)
+        kept.items, kept.held, kept.deadline = rest, len(rest), deadline
+        if batch.costs is not None:
+            kept.costs = batch.costs[cut:]
+            kept.cost = sum(kept.costs)
+        self._count += len(rest)
+        kept.timer = self._timer.call_after(deadline - now, self._on_timer, (key, kept.generation))
+        return items[:cut], FlushReason.PREFERRED
 
     def _take(self, key: Hashable) -> list[Item]:
         batch = self._open.pop(key)
@@ -221,3 +267,21 @@ class BatchBuffer:
 
 
 _NONE: Any = object()
+
+
+def _usable(spec: BatchSpec) -> tuple[int, ...]:
+    """The preferred sizes a batch can reach under the current ``max_batch_size``."""
+    return tuple(s for s in spec.preferred_batch_sizes if s <= spec.max_batch_size)
+
+
+def _cut(sizes: tuple[int, ...], n: int, held: int) -> int:
+    """Where a due batch of ``n`` is cut: the largest preferred size below ``n`` that takes the
+    ``held`` items already held back once; 0 to take all ``n`` (a preferred size already, or
+    no size fits)."""
+    i = bisect.bisect_left(sizes, n)
+    if i < len(sizes) and sizes[i] == n:
+        return 0
+    i -= 1  # sizes[i] < n
+    if i >= 0 and sizes[i] >= held:
+        return sizes[i]
+    return 0

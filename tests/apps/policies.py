@@ -73,3 +73,10 @@ def latency_target(xs: list[int]) -> list[int]:
     record("latency_target", xs=xs)
     time.sleep(0.05)
     return xs
+
+
+@app.task(base=BatchedTask, preferred_batch_sizes=(4, 8), max_batch_size=8, wait_ms=1000)
+def fixed_shapes(xs: list[int]) -> list[int]:
+    """An engine built for batches of 4 and 8: records each call's items and padded size."""
+    record("fixed_shapes", xs=xs, padded=fixed_shapes.padded_size(len(xs)))
+    return [x * 3 for x in xs]
