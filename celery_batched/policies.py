@@ -11,6 +11,8 @@
 * ``preferred_batch_sizes`` -- the sizes the function runs best at (CUDA graphs, TensorRT
   engines built for fixed shapes): a batch flushed by time leaves at one of them when it can
   (``buffer.py``), and ``padded_size`` tells the function the size to pad to.
+* ``urgent_priority`` + ``urgent_wait_ms`` -- items sent with an urgent message priority batch
+  apart, with their own wait, and go first to a free pool process (``buffer.py``).
 
 Everything is checked once, when the task is defined, so a mistake fails at import with a
 message naming the option; per item, ``ItemPolicy`` evaluates the key and the cost on the
@@ -202,6 +204,26 @@ def check_preferred_batch_sizes(value: object, max_batch_size: int,
             f"{max_batch_size}, so no batch could ever have them; raise max_batch_size (usually "
             f"to the largest preferred size) or drop them")
     return tuple(sorted(set(sizes)))
+
+
+def check_urgent_priority(value: object, task_name: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 255:
+        raise BatchedTaskOptionError(
+            f"{task_name}: urgent_priority must be a message priority, an int from 0 to 255 "
+            f"(items at least that urgent batch apart and go first), got {value!r}; e.g. "
+            f"urgent_priority=9 on RabbitMQ (higher first), 0 on Redis (lower first)")
+    return value
+
+
+def check_urgent_wait_ms(value: object, task_name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 \
+            or math.isinf(value):
+        raise BatchedTaskOptionError(
+            f"{task_name}: urgent_wait_ms must be a finite number of milliseconds >= 0 (how "
+            f"long an urgent item's batch waits for more), got {value!r}")
+    return float(value)
 
 
 def padded_size(n: int, sizes: tuple[int, ...]) -> int:

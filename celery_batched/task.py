@@ -52,6 +52,10 @@ class BatchedTask(Task):
     oom_errors: ClassVar[Any] = DEFAULTS["oom_errors"]
     #: Batch sizes the function runs best at (fixed-shape engines); see ``padded_size``.
     preferred_batch_sizes: ClassVar[Any] = DEFAULTS["preferred_batch_sizes"]
+    #: Items sent with a message priority at least this urgent batch apart and go first ...
+    urgent_priority: ClassVar[int | None] = DEFAULTS["urgent_priority"]
+    #: ... with this wait (ms) for their batch.
+    urgent_wait_ms: ClassVar[float] = DEFAULTS["urgent_wait_ms"]
     #: Messages are acknowledged after their results are stored: at-least-once delivery.
     acks_late = True
 
@@ -72,7 +76,8 @@ class BatchedTask(Task):
             batch_cost=_option(cls, "batch_cost"), max_batch_cost=cls.max_batch_cost,
             max_latency_ms=cls.max_latency_ms,
             wait_ms_set=any("wait_ms" in k.__dict__ for k in cls.__mro__ if k is not BatchedTask),
-            oom_errors=cls.oom_errors, preferred_batch_sizes=cls.preferred_batch_sizes)
+            oom_errors=cls.oom_errors, preferred_batch_sizes=cls.preferred_batch_sizes,
+            urgent_priority=cls.urgent_priority, urgent_wait_ms=cls.urgent_wait_ms)
         app = cls.__dict__.get("app")
         if isinstance(app, Celery):
             _install_bootstep(app)

@@ -142,10 +142,16 @@ class Credit:
 
 
 class It:
-    """What the buffer reads of an item: its id and when it was buffered."""
+    """What the buffer reads of an item: when it was buffered, its message's priority."""
 
-    def __init__(self, x: Any, at: float | None = None) -> None:
+    def __init__(self, x: Any, at: float | None = None, priority: int | None = None) -> None:
         self.x, self.buffered_at = x, time.monotonic() if at is None else at
+        self.message = _Message({} if priority is None else {"priority": priority})
+
+
+class _Message:
+    def __init__(self, properties: dict[str, Any]) -> None:
+        self.properties = properties
 
 
 def _spec(preferred: Any = None, max_batch_size: int = 8, **options: Any) -> BatchSpec:
@@ -156,13 +162,19 @@ def _spec(preferred: Any = None, max_batch_size: int = 8, **options: Any) -> Bat
                                    preferred_batch_sizes=preferred, **options)
 
 
-def _buffer(spec: BatchSpec, busy: list[bool] | None = None,
-            latency: LatencyModel | None = None) -> tuple[BatchBuffer, Clock, list]:
+def _buffer(spec: BatchSpec, busy: list[bool] | None = None, latency: LatencyModel | None = None,
+            one_process: bool = False) -> tuple[BatchBuffer, Clock, list]:
+    """A buffer whose flushes are recorded; ``busy[0]``: every pool process is busy (with
+    ``one_process``, a flush makes it so)."""
     flushed: list[tuple[list[Any], FlushReason]] = []
     clock = Clock()
-    buffer = BatchBuffer(spec, clock, Credit(),  # type: ignore[arg-type]
-                         lambda items, credit, reason: flushed.append(
-                             ([it.x for it in items], reason)),
+
+    def flush(items: list[Any], credit: Any, reason: FlushReason) -> None:
+        flushed.append(([it.x for it in items], reason))
+        if one_process and busy is not None:
+            busy[0] = True
+
+    buffer = BatchBuffer(spec, clock, Credit(), flush,  # type: ignore[arg-type]
                          pool_busy=lambda: bool(busy and busy[0]), latency=latency)
     return buffer, clock, flushed
 

@@ -18,6 +18,11 @@ The policies (``policies.py``) refine it:
   its newest items, stays to fill for one more wait (a new ``wait_ms`` clock, or its own
   latency deadline). An item is held back at most once: the next flush takes it, whatever the
   size, so with ``wait_ms`` no item waits more than twice ``wait_ms``.
+* ``urgent_priority``: items whose message priority is at least that urgent (as the broker
+  orders them: ``is_urgent``) batch apart from the rest, per key, with ``urgent_wait_ms``; no
+  batch goes to a busy pool (full ones wait here, in ``_ready``), and when a process frees,
+  urgent batches go first -- at most ``MAX_URGENT_IN_A_ROW`` ahead of a waiting other batch, so
+  the rest is never starved.
 
 If every pool process is busy when a batch's time is up, it couldn't start anyway, so it keeps
 filling until a process is free (``flush_if_due``, reason ``slot free``) or it is full.
@@ -33,6 +38,7 @@ import bisect
 import itertools
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Hashable
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Protocol
@@ -59,6 +65,10 @@ class FlushReason(StrEnum):
     RECONFIGURED = "reconfigured"
     #: A batch whose time was up left at a preferred size; its newest items wait once more.
     PREFERRED = "preferred size"
+
+
+#: Urgent batches that may go ahead of a waiting other batch before it gets a process.
+MAX_URGENT_IN_A_ROW = 3
 
 
 class TimerLike(Protocol):
@@ -90,12 +100,43 @@ class _Open:
         self.costs: list[float] | None = None
 
 
+class _UrgentKey:
+    """The key of an urgent item's batch: never equal to any key of the others."""
+
+    __slots__ = ("key",)
+
+    def __init__(self, key: Hashable) -> None:
+        self.key = key
+
+    def __hash__(self) -> int:
+        return hash((_UrgentKey, self.key))
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is _UrgentKey and other.key == self.key
+
+
+def urgency(urgent_priority: int | None, high_first: bool) -> Callable[[Item], bool] | None:
+    """Whether an item is urgent, from its message's priority, as the broker orders them:
+    higher numbers first (RabbitMQ) or lower first (Redis, where kombu gives a message without
+    one priority 0); None when the task has no ``urgent_priority``."""
+    if urgent_priority is None:
+        return None
+    at = urgent_priority
+
+    def is_urgent(item: Item) -> bool:
+        priority = (item.message.properties or {}).get("priority")
+        if priority is None:
+            return False
+        return bool(priority >= at if high_first else priority <= at)
+    return is_urgent
+
+
 class BatchBuffer:
     """Collects one batched task's items and hands full or timed-out batches to ``flush``."""
 
     def __init__(self, spec: BatchSpec, timer: TimerLike, credit: TaskCredit, flush: Flush,
                  pool_busy: Callable[[], bool] = lambda: False,
-                 latency: LatencyModel | None = None) -> None:
+                 latency: LatencyModel | None = None, high_first: bool = True) -> None:
         self.spec = spec
         self.credit = credit
         self.latency = latency
@@ -109,10 +150,17 @@ class BatchBuffer:
         self._max_keys = spec.max_open_keys
         self._preferred = _usable(spec)
         self._keep_costs = bool(spec.preferred_batch_sizes) and self._max_cost is not None
+        self._is_urgent = urgency(spec.urgent_priority, high_first)
+        self._urgent_wait_s = spec.urgent_wait_ms / 1000.0
+        #: Flushed batches waiting for a free process (only with ``urgent_priority``).
+        self._ready: deque[tuple[list[Item], FlushReason]] = deque()
+        self._ready_urgent: deque[tuple[list[Item], FlushReason]] = deque()
+        self._ready_count = 0
+        self._streak = 0  # urgent batches that went ahead of a waiting other batch, in a row
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
-        return self._count
+        return self._count + self._ready_count
 
     @property
     def open_keys(self) -> int:
@@ -121,6 +169,9 @@ class BatchBuffer:
     def put(self, item: Item, key: Hashable = None, cost: float = 0.0) -> None:
         self.credit.hold()
         flushes: list[tuple[list[Item], FlushReason]] = []
+        urgent = self._is_urgent is not None and self._is_urgent(item)
+        if urgent:
+            key = _UrgentKey(key)
         with self._lock:
             batch = self._open.get(key)
             if batch is None:
@@ -142,13 +193,25 @@ class BatchBuffer:
                 flushes.append((self._take(key), FlushReason.SIZE))
             elif self._max_cost is not None and batch.cost >= self._max_cost:
                 flushes.append((self._take(key), FlushReason.COST))
-            elif self.latency is not None:
+            elif self.latency is not None and not urgent:
                 self._plan(key, batch, item.buffered_at, flushes)
             elif n == 1:
                 batch.timer = self._timer.call_after(
-                    self.spec.wait_s, self._on_timer, (key, batch.generation))
+                    self._urgent_wait_s if urgent else self.spec.wait_s, self._on_timer,
+                    (key, batch.generation))
         for items, reason in flushes:
-            self._flush(items, self.credit, reason)
+            self._send(items, reason)
+
+    def _send(self, items: list[Item], reason: FlushReason) -> None:
+        """Flush a batch; with ``urgent_priority``, while every process is busy, it waits in
+        ``_ready`` instead (a batch queued in the pool could not be overtaken)."""
+        if self._is_urgent is not None and self._pool_busy():
+            with self._lock:
+                urgent = self._is_urgent(items[0])  # a batch is all urgent or none
+                (self._ready_urgent if urgent else self._ready).append((items, reason))
+                self._ready_count += len(items)
+            return
+        self._flush(items, self.credit, reason)
 
     def put_alone(self, item: Item) -> None:
         """An item that can't join a batch (its key or cost could not be computed): a batch of
@@ -187,6 +250,7 @@ class BatchBuffer:
             self._max_cost = spec.max_batch_cost
             self._max_keys = spec.max_open_keys
             self._preferred = _usable(spec)
+            self._urgent_wait_s = spec.urgent_wait_ms / 1000.0
             for key in list(self._open):
                 batch = self._open[key]
                 over_cost = self._max_cost is not None and batch.cost >= self._max_cost
@@ -198,26 +262,57 @@ class BatchBuffer:
                 flushes.append(self._take(next(iter(self._open))))
         self.credit.resize(spec.max_batch_size)
         for items in flushes:
-            self._flush(items, self.credit, FlushReason.RECONFIGURED)
+            self._send(items, FlushReason.RECONFIGURED)
 
     def take_all(self) -> list[Item]:
         """Empty the buffer without flushing (the worker is stopping or lost its connection)."""
         with self._lock:
             items: list[Item] = []
+            for ready in (self._ready_urgent, self._ready):
+                while ready:
+                    items += ready.popleft()[0]
+            self._ready_count = 0
             for key in list(self._open):
                 items += self._take(key)
             return items
 
     def flush_if_due(self) -> None:
-        """A pool process became free: run the partial batches whose time is over, oldest
-        first, while processes are free."""
+        """A pool process became free: run the batches waiting for one (full ones, and partial
+        ones whose time is over), oldest first and urgent ones first, while processes are free."""
         while True:
             with self._lock:
-                key = next((k for k, b in self._open.items() if b.due), _NONE)
-                if key is _NONE or self._pool_busy():
+                if self._pool_busy():
                     return
-                items, reason = self._take_due(key, FlushReason.SLOT_FREE)
-            self._flush(items, self.credit, reason)
+                picked = self._next_ready()
+                if picked is None:
+                    return
+            self._flush(picked[0], self.credit, picked[1])
+
+    def _next_ready(self) -> tuple[list[Item], FlushReason] | None:
+        urgent_key = other_key = _NONE
+        for k, b in self._open.items():
+            if b.due:
+                if type(k) is _UrgentKey:
+                    urgent_key = k if urgent_key is _NONE else urgent_key
+                elif other_key is _NONE:
+                    other_key = k
+        has_urgent = bool(self._ready_urgent) or urgent_key is not _NONE
+        has_other = bool(self._ready) or other_key is not _NONE
+        if has_urgent and (not has_other or self._streak < MAX_URGENT_IN_A_ROW):
+            self._streak = self._streak + 1 if has_other else 0
+            return self._pop_ready(self._ready_urgent, urgent_key)
+        if has_other:
+            self._streak = 0
+            return self._pop_ready(self._ready, other_key)
+        return None
+
+    def _pop_ready(self, ready: deque[tuple[list[Item], FlushReason]],
+                   due_key: Hashable) -> tuple[list[Item], FlushReason]:
+        if ready:
+            items, reason = ready.popleft()
+            self._ready_count -= len(items)
+            return items, reason
+        return self._take_due(due_key, FlushReason.SLOT_FREE)
 
     def _on_timer(self, key: Hashable, generation: int) -> None:
         with self._lock:
@@ -229,7 +324,8 @@ class BatchBuffer:
                 batch.due = True
                 return
             items, reason = self._take_due(
-                key, FlushReason.WAIT if self.latency is None else FlushReason.LATENCY)
+                key, FlushReason.LATENCY if self.latency is not None
+                and type(key) is not _UrgentKey else FlushReason.WAIT)
         self._flush(items, self.credit, reason)
 
     def _take_due(self, key: Hashable, reason: FlushReason) -> tuple[list[Item], FlushReason]:
@@ -243,8 +339,9 @@ class BatchBuffer:
             return self._take(key), reason
         now = time.monotonic()
         rest = batch.items[cut:]
-        deadline = now + self.spec.wait_s
-        if self.latency is not None:  # the rest keeps to its own target: no wait beyond it
+        urgent = type(key) is _UrgentKey
+        deadline = now + (self._urgent_wait_s if urgent else self.spec.wait_s)
+        if self.latency is not None and not urgent:  # the rest keeps to its own target: no wait beyond it
             deadline = self.latency.deadline(rest[0].buffered_at, len(rest))
             if deadline <= now:
                 return self._take(key), reason

@@ -80,3 +80,12 @@ def fixed_shapes(xs: list[int]) -> list[int]:
     """An engine built for batches of 4 and 8: records each call's items and padded size."""
     record("fixed_shapes", xs=xs, padded=fixed_shapes.padded_size(len(xs)))
     return [x * 3 for x in xs]
+
+
+@app.task(base=BatchedTask, urgent_priority=0, urgent_wait_ms=0, max_batch_size=4, wait_ms=200)
+def shared_gpu(xs: list[int]) -> list[int]:
+    """Interactive (priority 0, Redis: most urgent) and bulk work (priority 9) on one process:
+    records each call's items in the order the calls ran."""
+    record("shared_gpu", xs=xs)
+    time.sleep(0.3)
+    return xs
