@@ -27,14 +27,15 @@ def calls(redis_client) -> list[list[int]]:
 def test_urgent_items_overtake_waiting_bulk_batches(redis_client, queue, start_worker):
     worker = start_worker(APP, queues=queue)
     task = policies.shared_gpu
-    bulk = task.map_items(range(8), queue=queue, priority=9)  # two full batches
+    bulk = task.map_items(range(10), queue=queue, priority=9)  # two full batches, and 8, 9
     wait_for(lambda: calls(redis_client), 10, what="the first bulk batch running")
     # While it runs (0.3 s) the second bulk batch waits in the buffer, not in the pool's queue:
-    # the urgent items, sent after it, run before it.
+    # the urgent items, sent after it, run before it, with the oldest waiting bulk items in
+    # their room; the rest of that batch is made up from the next (8 and 9, still filling).
     urgent = [task.apply_async((100 + i,), queue=queue, priority=0) for i in range(2)]
     assert [r.get(timeout=30) for r in urgent] == [100, 101]
-    assert bulk.get(timeout=30) == list(range(8))
-    assert calls(redis_client) == [[0, 1, 2, 3], [100, 101], [4, 5, 6, 7]]
+    assert bulk.get(timeout=30) == list(range(10))
+    assert calls(redis_client) == [[0, 1, 2, 3], [100, 101, 4, 5], [6, 7, 8, 9]]
     got = batching_stats(policies.app, timeout=2.0, destination=[worker.hostname])
     settings = got[worker.hostname][task.name]["settings"]
     assert settings["urgent_priority"] == 0 and settings["urgent_wait_ms"] == 0.0, settings
@@ -75,7 +76,41 @@ def test_urgent_batches_go_first_but_never_more_than_a_few_in_a_row():
     assert order == [[10, 11], [12, 13], [14, 15], [0, 1], [16, 17], [18, 19], [2, 3]]
 
 
-def test_urgent_and_other_items_never_share_a_batch_and_keys_still_apply():
+def test_an_urgent_batch_that_goes_first_takes_other_items_of_its_key_along():
+    busy = [True]
+    buffer, clock, flushed = _urgent_buffer(busy, one_process=True, max_batch_size=4,
+                                            batch_key=lambda x: x % 2)
+    for x in (0, 2, 4, 6, 8, 10, 1):  # key 0: a full batch (held), then 8 and 10 filling
+        buffer.put(It(x, priority=1), x % 2)
+    buffer.put(It(20, priority=9), 0)
+    buffer.put(It(21, priority=9), 1)
+    clock.fire()  # every process busy: the urgent batches are due, and wait
+    assert flushed == []
+    order = []
+    for _ in range(3):  # one process frees at a time
+        busy[0] = False
+        buffer.flush_if_due()
+        order.append(flushed.pop())
+    # Each urgent batch fills its room with its own key's oldest waiting items, never another's;
+    # the batch it took them from is made up from the batch being filled.
+    assert order == [([20, 0, 2, 4], FlushReason.URGENT), ([21, 1], FlushReason.URGENT),
+                     ([6, 8, 10], FlushReason.SIZE)]
+    assert len(buffer) == 0
+
+
+def test_with_a_cost_bound_an_urgent_batch_is_not_topped_up():
+    busy = [True]
+    buffer, clock, flushed = _urgent_buffer(busy, one_process=True, max_batch_size=4,
+                                            batch_cost=lambda x: 1, max_batch_cost=100)
+    for x, p in ((0, 1), (1, 1), (9, 9)):
+        buffer.put(It(x, priority=p), None, 1.0)
+    clock.fire()
+    busy[0] = False
+    buffer.flush_if_due()
+    assert flushed == [([9], FlushReason.URGENT)] and len(buffer) == 2
+
+
+def test_urgent_items_batch_apart_with_their_own_wait_and_keys_still_apply():
     busy = [False]
     buffer, clock, flushed = _urgent_buffer(busy, max_batch_size=3, batch_key=lambda x: x % 2,
                                             wait_ms=50, urgent_wait_ms=0)
@@ -122,6 +157,14 @@ def test_configure_batching_changes_urgent_wait_ms_only_with_urgent_priority():
     buffer.reconfigure(buffer.spec.reconfigured({"urgent_wait_ms": "40"}))
     buffer.put(It(1, priority=9))
     assert [round(e[0], 3) for e in clock.entries] == [0.04]
+    # Batches waiting for a process are cut to a lower max_batch_size.
+    busy[0] = True
+    for x in range(2, 6):
+        buffer.put(It(x, priority=1))
+    buffer.reconfigure(buffer.spec.reconfigured({"max_batch_size": 1}))
+    busy[0] = False
+    buffer.flush_if_due()
+    assert [items for items, _ in flushed if items != [1]] == [[2], [3], [4], [5]]
     with pytest.raises(BatchedTaskOptionError, match="urgent_wait_ms needs urgent_priority"):
         _spec().reconfigured({"urgent_wait_ms": 5})
     with pytest.raises(BatchedTaskOptionError, match="can't change urgent_priority"):

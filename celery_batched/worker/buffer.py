@@ -21,8 +21,9 @@ The policies (``policies.py``) refine it:
 * ``urgent_priority``: items whose message priority is at least that urgent (as the broker
   orders them: ``is_urgent``) batch apart from the rest, per key, with ``urgent_wait_ms``; no
   batch goes to a busy pool (full ones wait here, in ``_ready``), and when a process frees,
-  urgent batches go first -- at most ``MAX_URGENT_IN_A_ROW`` ahead of a waiting other batch, so
-  the rest is never starved.
+  urgent batches go first (reason ``urgent``) -- at most ``MAX_URGENT_IN_A_ROW`` ahead of a
+  waiting other batch, so the rest is never starved -- and filled up with the other items of
+  their key that wait (``_fill``): a call costs a fixed part whatever its size.
 
 If every pool process is busy when a batch's time is up, it couldn't start anyway, so it keeps
 filling until a process is free (``flush_if_due``, reason ``slot free``) or it is full.
@@ -65,6 +66,8 @@ class FlushReason(StrEnum):
     RECONFIGURED = "reconfigured"
     #: A batch whose time was up left at a preferred size; its newest items wait once more.
     PREFERRED = "preferred size"
+    #: An urgent batch (``urgent_priority``) that went first to a free process.
+    URGENT = "urgent"
 
 
 #: Urgent batches that may go ahead of a waiting other batch before it gets a process.
@@ -76,6 +79,8 @@ class TimerLike(Protocol):
 
 
 Flush = Callable[[list["Item"], TaskCredit, FlushReason], None]
+#: A batch leaving the buffer: its items, why, and its key.
+_Flushed = tuple[list["Item"], FlushReason, Hashable]
 
 _generations = itertools.count(1)
 
@@ -153,8 +158,8 @@ class BatchBuffer:
         self._is_urgent = urgency(spec.urgent_priority, high_first)
         self._urgent_wait_s = spec.urgent_wait_ms / 1000.0
         #: Flushed batches waiting for a free process (only with ``urgent_priority``).
-        self._ready: deque[tuple[list[Item], FlushReason]] = deque()
-        self._ready_urgent: deque[tuple[list[Item], FlushReason]] = deque()
+        self._ready: deque[_Flushed] = deque()
+        self._ready_urgent: deque[_Flushed] = deque()
         self._ready_count = 0
         self._streak = 0  # urgent batches that went ahead of a waiting other batch, in a row
         self._lock = threading.Lock()
@@ -168,7 +173,7 @@ class BatchBuffer:
 
     def put(self, item: Item, key: Hashable = None, cost: float = 0.0) -> None:
         self.credit.hold()
-        flushes: list[tuple[list[Item], FlushReason]] = []
+        flushes: list[_Flushed] = []
         urgent = self._is_urgent is not None and self._is_urgent(item)
         if urgent:
             key = _UrgentKey(key)
@@ -176,10 +181,11 @@ class BatchBuffer:
             batch = self._open.get(key)
             if batch is None:
                 if len(self._open) >= self._max_keys:
-                    flushes.append((self._take(next(iter(self._open))), FlushReason.KEY_LIMIT))
+                    oldest = next(iter(self._open))
+                    flushes.append((self._take(oldest), FlushReason.KEY_LIMIT, oldest))
                 batch = self._open[key] = _Open(item.buffered_at)
             elif self._max_cost is not None and batch.cost + cost > self._max_cost:
-                flushes.append((self._take(key), FlushReason.COST))
+                flushes.append((self._take(key), FlushReason.COST, key))
                 batch = self._open[key] = _Open(item.buffered_at)
             batch.items.append(item)
             batch.cost += cost
@@ -190,25 +196,25 @@ class BatchBuffer:
             self._count += 1
             n = len(batch.items)
             if n >= self._max_size:
-                flushes.append((self._take(key), FlushReason.SIZE))
+                flushes.append((self._take(key), FlushReason.SIZE, key))
             elif self._max_cost is not None and batch.cost >= self._max_cost:
-                flushes.append((self._take(key), FlushReason.COST))
+                flushes.append((self._take(key), FlushReason.COST, key))
             elif self.latency is not None and not urgent:
                 self._plan(key, batch, item.buffered_at, flushes)
             elif n == 1:
                 batch.timer = self._timer.call_after(
                     self._urgent_wait_s if urgent else self.spec.wait_s, self._on_timer,
                     (key, batch.generation))
-        for items, reason in flushes:
-            self._send(items, reason)
+        for items, reason, k in flushes:
+            self._send(items, reason, k)
 
-    def _send(self, items: list[Item], reason: FlushReason) -> None:
+    def _send(self, items: list[Item], reason: FlushReason, key: Hashable) -> None:
         """Flush a batch; with ``urgent_priority``, while every process is busy, it waits in
         ``_ready`` instead (a batch queued in the pool could not be overtaken)."""
         if self._is_urgent is not None and self._pool_busy():
             with self._lock:
-                urgent = self._is_urgent(items[0])  # a batch is all urgent or none
-                (self._ready_urgent if urgent else self._ready).append((items, reason))
+                ready = self._ready_urgent if type(key) is _UrgentKey else self._ready
+                ready.append((items, reason, key))
                 self._ready_count += len(items)
             return
         self._flush(items, self.credit, reason)
@@ -220,7 +226,7 @@ class BatchBuffer:
         self._flush([item], self.credit, FlushReason.INVALID)
 
     def _plan(self, key: Hashable, batch: _Open, now: float,
-              flushes: list[tuple[list[Item], FlushReason]]) -> None:
+              flushes: list[_Flushed]) -> None:
         """``max_latency_ms``: flush now, or (re)arm the timer for the batch's deadline."""
         latency = self.latency
         assert latency is not None
@@ -230,7 +236,7 @@ class BatchBuffer:
             if self._pool_busy():
                 batch.due = True
             else:
-                flushes.append((self._take(key), FlushReason.LATENCY))
+                flushes.append((self._take(key), FlushReason.LATENCY, key))
             return
         if batch.timer is None or deadline < batch.deadline - 0.001:
             if batch.timer is not None:
@@ -241,9 +247,9 @@ class BatchBuffer:
 
     def reconfigure(self, spec: BatchSpec) -> None:
         """New options on a running worker (``configure_batching``). Open batches that are now
-        full or over the cost bound are flushed at once, in batches of the new size; clocks
-        already running keep their deadline."""
-        flushes: list[list[Item]] = []
+        full or over the cost bound are flushed at once, in batches of the new size (and those
+        waiting for a process are cut to it); clocks already running keep their deadline."""
+        flushes: list[tuple[list[Item], Hashable]] = []
         with self._lock:
             self.spec = spec
             self._max_size = spec.max_batch_size
@@ -256,13 +262,21 @@ class BatchBuffer:
                 over_cost = self._max_cost is not None and batch.cost >= self._max_cost
                 if len(batch.items) >= self._max_size or over_cost:
                     items = self._take(key)
-                    flushes += [items[i:i + self._max_size]
+                    flushes += [(items[i:i + self._max_size], key)
                                 for i in range(0, len(items), self._max_size)]
+            size = self._max_size
+            for ready in (self._ready_urgent, self._ready):  # batches waiting for a process
+                if any(len(entry[0]) > size for entry in ready):
+                    split = [(items[i:i + size], reason, key) for items, reason, key in ready
+                             for i in range(0, len(items), size)]
+                    ready.clear()
+                    ready.extend(split)
             while len(self._open) > self._max_keys:
-                flushes.append(self._take(next(iter(self._open))))
+                oldest = next(iter(self._open))
+                flushes.append((self._take(oldest), oldest))
         self.credit.resize(spec.max_batch_size)
-        for items in flushes:
-            self._send(items, FlushReason.RECONFIGURED)
+        for items, key in flushes:
+            self._send(items, FlushReason.RECONFIGURED, key)
 
     def take_all(self) -> list[Item]:
         """Empty the buffer without flushing (the worker is stopping or lost its connection)."""
@@ -299,20 +313,67 @@ class BatchBuffer:
         has_urgent = bool(self._ready_urgent) or urgent_key is not _NONE
         has_other = bool(self._ready) or other_key is not _NONE
         if has_urgent and (not has_other or self._streak < MAX_URGENT_IN_A_ROW):
-            self._streak = self._streak + 1 if has_other else 0
-            return self._pop_ready(self._ready_urgent, urgent_key)
+            oldest = self._ready[0][2] if self._ready else other_key
+            items, _, key = self._pop_ready(self._ready_urgent, urgent_key)
+            assert type(key) is _UrgentKey
+            n = len(items)
+            self._fill(items, key.key)
+            # It went ahead of the oldest waiting batch, unless it took that batch's items along.
+            carried = len(items) > n and oldest == key.key
+            self._streak = self._streak + 1 if has_other and not carried else 0
+            return items, FlushReason.URGENT
         if has_other:
             self._streak = 0
-            return self._pop_ready(self._ready, other_key)
+            from_ready = bool(self._ready)
+            items, reason, key = self._pop_ready(self._ready, other_key)
+            if from_ready:
+                self._fill(items, key)
+            return items, reason
         return None
 
-    def _pop_ready(self, ready: deque[tuple[list[Item], FlushReason]],
-                   due_key: Hashable) -> tuple[list[Item], FlushReason]:
+    def _pop_ready(self, ready: deque[_Flushed], due_key: Hashable) -> _Flushed:
         if ready:
-            items, reason = ready.popleft()
+            items, reason, key = ready.popleft()
             self._ready_count -= len(items)
-            return items, reason
-        return self._take_due(due_key, FlushReason.SLOT_FREE)
+            return items, reason, key
+        items, reason = self._take_due(due_key, FlushReason.SLOT_FREE)
+        return items, reason, due_key
+
+    def _fill(self, items: list[Item], key: Hashable) -> None:
+        """A batch about to run fills its room with the oldest other items of ``key`` waiting
+        here, then with those filling its open batch: an urgent batch takes them along (a call
+        costs a fixed part whatever its size), and what an urgent batch took from a waiting
+        batch is made up from the next. Not with ``max_batch_cost`` (costs are not kept).
+        """
+        room = self._max_size - len(items)
+        if room <= 0 or self._max_cost is not None:
+            return
+        ready, i = self._ready, 0
+        while room > 0 and i < len(ready):
+            waiting, reason, k = ready[i]
+            if k != key:
+                i += 1
+                continue
+            taken = waiting[:room]
+            items += taken
+            room -= len(taken)
+            self._ready_count -= len(taken)
+            if len(taken) == len(waiting):
+                del ready[i]
+            else:
+                ready[i] = (waiting[len(taken):], reason, k)
+        batch = self._open.get(key)
+        if batch is None or room <= 0:
+            return
+        if room >= len(batch.items):
+            items += self._take(key)
+            return
+        items += batch.items[:room]
+        del batch.items[:room]
+        self._count -= room
+        batch.held = max(0, batch.held - room)
+        if batch.costs is not None:
+            del batch.costs[:room]
 
     def _on_timer(self, key: Hashable, generation: int) -> None:
         with self._lock:
