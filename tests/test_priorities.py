@@ -1,19 +1,23 @@
 """``urgent_priority``: urgent items batch apart, with their own wait, and go first to a free
-pool process, never starving the rest. On a real worker (Redis: priority 0 is the most urgent),
-then the buffer's rules with each other policy on a clock the test moves by hand."""
+pool process, never starving the rest. On real workers (Redis: priority 0 is the most urgent;
+RabbitMQ: the highest), then the buffer's rules with each other policy on a hand-run clock."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from celery import Celery
 
 from celery_batched import FlushReason, batching_stats
 from celery_batched.worker.buffer import MAX_URGENT_IN_A_ROW, urgency
 from celery_batched.worker.latency import LatencyModel
 
 from .apps import policies
+from .conftest import REDIS_URL
+from .servers import RabbitVhost
 from .test_preferred_sizes import It, _buffer, _spec
 from .workers import wait_for
 
@@ -39,6 +43,37 @@ def test_urgent_items_overtake_waiting_bulk_batches(redis_client, queue, start_w
     got = batching_stats(policies.app, timeout=2.0, destination=[worker.hostname])
     settings = got[worker.hostname][task.name]["settings"]
     assert settings["urgent_priority"] == 0 and settings["urgent_wait_ms"] == 0.0, settings
+
+
+@pytest.fixture
+def vhost() -> Iterator[RabbitVhost]:
+    vhost = RabbitVhost().create()
+    yield vhost
+    vhost.delete()
+
+
+def test_on_rabbitmq_higher_priorities_are_the_urgent_ones(redis_client, vhost, queue,
+                                                          start_worker):
+    client = Celery("client", broker=vhost.url(), backend=REDIS_URL)
+    client.conf.update(task_serializer="json", accept_content=["json"],
+                       result_serializer="json", task_queue_max_priority=10)
+    env = {"TEST_BROKER_URL": vhost.url(), "TEST_QUEUE_MAX_PRIORITY": "10"}
+    start_worker(APP, queues=queue, env=env)
+    name = policies.shared_gpu_amqp.name
+    with client.producer_or_acquire() as producer:
+        bulk = [client.send_task(name, (i,), queue=queue, priority=1, producer=producer)
+                for i in range(8)]
+    runs = lambda: [json.loads(x)["xs"]  # noqa: E731
+                    for x in redis_client.lrange("exec:shared_gpu_amqp", 0, -1)]
+    wait_for(runs, 10, what="the first bulk batch running")
+    with client.producer_or_acquire() as producer:
+        urgent = [client.send_task(name, (100 + i,), queue=queue, priority=9,
+                                   producer=producer) for i in range(2)]
+        # Priority 4 is below urgent_priority=5: an ordinary item, however it is sent.
+        late = client.send_task(name, (200,), queue=queue, priority=4, producer=producer)
+    assert [r.get(timeout=30) for r in urgent + bulk + [late]] == \
+        [100, 101, *range(8), 200]
+    assert runs() == [[0, 1, 2, 3], [100, 101, 4, 5], [6, 7, 200]]
 
 
 def test_without_a_priority_on_redis_an_item_counts_as_priority_0():

@@ -13,7 +13,9 @@ from celery_batched import BatchedTask
 
 from ._common import make_app, redis_client
 
-app = make_app("policies")
+# On RabbitMQ, priorities need queues declared with x-max-priority (TEST_QUEUE_MAX_PRIORITY).
+app = make_app("policies",
+               task_queue_max_priority=int(os.environ.get("TEST_QUEUE_MAX_PRIORITY", 0)) or None)
 _redis = redis_client()
 
 
@@ -87,5 +89,13 @@ def shared_gpu(xs: list[int]) -> list[int]:
     """Interactive (priority 0, Redis: most urgent) and bulk work (priority 9) on one process:
     records each call's items in the order the calls ran."""
     record("shared_gpu", xs=xs)
+    time.sleep(0.3)
+    return xs
+
+
+@app.task(base=BatchedTask, urgent_priority=5, urgent_wait_ms=0, max_batch_size=4, wait_ms=200)
+def shared_gpu_amqp(xs: list[int]) -> list[int]:
+    """``shared_gpu`` for RabbitMQ, where higher priorities are the more urgent."""
+    record("shared_gpu_amqp", xs=xs)
     time.sleep(0.3)
     return xs
