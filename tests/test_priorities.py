@@ -12,7 +12,7 @@ import pytest
 from celery import Celery
 
 from celery_batched import FlushReason, batching_stats
-from celery_batched.worker.buffer import MAX_URGENT_IN_A_ROW, urgency
+from celery_batched.worker.urgency import MAX_URGENT_IN_A_ROW, urgency
 from celery_batched.worker.latency import LatencyModel
 
 from .apps import policies

@@ -19,7 +19,7 @@ The policies (``policies.py``) refine it:
   latency deadline). An item is held back at most once: the next flush takes it, whatever the
   size, so with ``wait_ms`` no item waits more than twice ``wait_ms``.
 * ``urgent_priority``: items whose message priority is at least that urgent (as the broker
-  orders them: ``is_urgent``) batch apart from the rest, per key, with ``urgent_wait_ms``; no
+  orders them: ``urgency.py``) batch apart from the rest, per key, with ``urgent_wait_ms``; no
   batch goes to a busy pool (full ones wait here, in ``_ready``), and when a process frees,
   urgent batches go first (reason ``urgent``) -- at most ``MAX_URGENT_IN_A_ROW`` ahead of a
   waiting other batch, so the rest is never starved -- and filled up with the other items of
@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from ..spec import BatchSpec
 from .latency import LatencyModel
 from .prefetch import TaskCredit
+from .urgency import MAX_URGENT_IN_A_ROW, UrgentKey, urgency
 
 if TYPE_CHECKING:
     from .item import Item
@@ -68,10 +69,6 @@ class FlushReason(StrEnum):
     PREFERRED = "preferred size"
     #: An urgent batch (``urgent_priority``) that went first to a free process.
     URGENT = "urgent"
-
-
-#: Urgent batches that may go ahead of a waiting other batch before it gets a process.
-MAX_URGENT_IN_A_ROW = 3
 
 
 class TimerLike(Protocol):
@@ -103,37 +100,6 @@ class _Open:
         self.held = 0
         #: Each item's cost, kept only where a batch may be cut (preferred sizes and a cost bound).
         self.costs: list[float] | None = None
-
-
-class _UrgentKey:
-    """The key of an urgent item's batch: never equal to any key of the others."""
-
-    __slots__ = ("key",)
-
-    def __init__(self, key: Hashable) -> None:
-        self.key = key
-
-    def __hash__(self) -> int:
-        return hash((_UrgentKey, self.key))
-
-    def __eq__(self, other: object) -> bool:
-        return type(other) is _UrgentKey and other.key == self.key
-
-
-def urgency(urgent_priority: int | None, high_first: bool) -> Callable[[Item], bool] | None:
-    """Whether an item is urgent, from its message's priority, as the broker orders them:
-    higher numbers first (RabbitMQ) or lower first (Redis, where kombu gives a message without
-    one priority 0); None when the task has no ``urgent_priority``."""
-    if urgent_priority is None:
-        return None
-    at = urgent_priority
-
-    def is_urgent(item: Item) -> bool:
-        priority = (item.message.properties or {}).get("priority")
-        if priority is None:
-            return False
-        return bool(priority >= at if high_first else priority <= at)
-    return is_urgent
 
 
 class BatchBuffer:
@@ -176,7 +142,7 @@ class BatchBuffer:
         flushes: list[_Flushed] = []
         urgent = self._is_urgent is not None and self._is_urgent(item)
         if urgent:
-            key = _UrgentKey(key)
+            key = UrgentKey(key)
         with self._lock:
             batch = self._open.get(key)
             if batch is None:
@@ -213,7 +179,7 @@ class BatchBuffer:
         ``_ready`` instead (a batch queued in the pool could not be overtaken)."""
         if self._is_urgent is not None and self._pool_busy():
             with self._lock:
-                ready = self._ready_urgent if type(key) is _UrgentKey else self._ready
+                ready = self._ready_urgent if type(key) is UrgentKey else self._ready
                 ready.append((items, reason, key))
                 self._ready_count += len(items)
             return
@@ -306,7 +272,7 @@ class BatchBuffer:
         urgent_key = other_key = _NONE
         for k, b in self._open.items():
             if b.due:
-                if type(k) is _UrgentKey:
+                if type(k) is UrgentKey:
                     urgent_key = k if urgent_key is _NONE else urgent_key
                 elif other_key is _NONE:
                     other_key = k
@@ -315,7 +281,7 @@ class BatchBuffer:
         if has_urgent and (not has_other or self._streak < MAX_URGENT_IN_A_ROW):
             oldest = self._ready[0][2] if self._ready else other_key
             items, _, key = self._pop_ready(self._ready_urgent, urgent_key)
-            assert type(key) is _UrgentKey
+            assert type(key) is UrgentKey
             n = len(items)
             self._fill(items, key.key)
             # It went ahead of the oldest waiting batch, unless it took that batch's items along.
@@ -386,7 +352,7 @@ class BatchBuffer:
                 return
             items, reason = self._take_due(
                 key, FlushReason.LATENCY if self.latency is not None
-                and type(key) is not _UrgentKey else FlushReason.WAIT)
+                and type(key) is not UrgentKey else FlushReason.WAIT)
         self._flush(items, self.credit, reason)
 
     def _take_due(self, key: Hashable, reason: FlushReason) -> tuple[list[Item], FlushReason]:
@@ -400,9 +366,9 @@ class BatchBuffer:
             return self._take(key), reason
         now = time.monotonic()
         rest = batch.items[cut:]
-        urgent = type(key) is _UrgentKey
+        urgent = type(key) is UrgentKey
         deadline = now + (self._urgent_wait_s if urgent else self.spec.wait_s)
-        if self.latency is not None and not urgent:  # the rest keeps to its own target: no wait beyond it
+        if self.latency is not None and not urgent:  # the rest keeps to its own target
             deadline = self.latency.deadline(rest[0].buffered_at, len(rest))
             if deadline <= now:
                 return self._take(key), reason
