@@ -2,7 +2,8 @@
 """Batching policies, measured side by side in one run (issue: "batching policies").
 
     python benchmarks/policies.py                  # both sections (about 3 minutes on 2 cores)
-    python benchmarks/policies.py --only latency   # or: bucketing
+    python benchmarks/policies.py --only latency   # or: bucketing, priorities
+    python benchmarks/policies.py --redis-url redis://127.0.0.1:6379/9   # another db (flushed)
 
 * ``bucketing``: the example's ``embed`` (all-MiniLM-L6-v2, CPU, batch 32) over a mix of short and
   long sentences, through one worker: plain ``embed`` vs ``embed_bucketed`` (``batch_key`` =
@@ -12,7 +13,12 @@
   behind ``wait_ms=50`` and behind ``max_latency_ms=100``, at a low, medium and high arrival
   rate: p50/p99 latency (submit -> result stored) and mean batch size.
 
-Every result is checked (exit status 1 on a wrong or missing one). Redis db 13 is flushed.
+* ``priorities``: the simulated model (batch 64) with a bulk backlog (20,000 items, priority 9)
+  and a trickle of urgent items (20/s, priority 0) on one process: ``urgent_priority`` against
+  the same task without it; bulk items/s and the urgent items' p50/p99 latency.
+
+Every result is checked (exit status 1 on a wrong or missing one). Redis db 13 (or
+``--redis-url``) is flushed.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import os
 import random
 import statistics
 import sys
+import threading
 import time
 import uuid
 from collections import Counter
@@ -186,13 +193,96 @@ def section_latency(seconds: float) -> list[str]:
     return out
 
 
+def urgent_trickle(task: Any, rate: float, queue: str, stop: threading.Event,
+                   out: list[tuple[str, float, int]]) -> None:
+    """Send one urgent item (priority 0) every 1/rate s until ``stop``: (id, sent at, value)."""
+    interval, start, i = 1.0 / rate, time.perf_counter(), 0
+    with task.app.producer_or_acquire() as producer:
+        while not stop.is_set():
+            delay = start + i * interval - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            tid, x = str(uuid.uuid4()), 1_000_000 + i
+            out.append((tid, time.time(), x))
+            task.apply_async((x,), task_id=tid, queue=queue, priority=0, producer=producer)
+            i += 1
+
+
+def section_priorities(backlog: int, rate: float) -> list[str]:
+    from apps import bench_policies as sim
+
+    r = redis_client(REDIS_URL)
+    batch_ms = sim.FIXED_MS + sim.PER_ITEM_MS * sim.PRIO_BATCH
+    bound = sim.URGENT_WAIT_MS + 2 * batch_ms
+    log(f"== priorities: {backlog:,} bulk items (priority 9) + {rate:g} urgent items/s "
+        f"(priority 0); simulated model {sim.FIXED_MS:g} ms + {sim.PER_ITEM_MS:g} ms/item, "
+        f"batch {sim.PRIO_BATCH} ({batch_ms:g} ms) ==")
+    rows: dict[str, tuple[float, float, float, float, int]] = {}
+    for task in (sim.shared_plain, sim.shared_urgent):
+        r.flushdb()
+        queue = f"policies-prio-{uuid.uuid4().hex[:6]}"
+        with Worker("benchmarks.apps.bench_policies", queue, "policies-prio", REDIS_URL).start():
+            task.apply_async((0,), queue=queue, priority=9).get(timeout=30)  # warm-up
+            xs = list(range(backlog))
+            t0 = time.time()
+            bulk = task.map_items(xs, queue=queue, priority=9)
+            stop, trickle = threading.Event(), []
+            sender = threading.Thread(target=urgent_trickle,
+                                      args=(task, rate, queue, stop, trickle))
+            sender.start()
+            bulk_ids = [res.id for res in bulk]
+            try:
+                if wait_for_results(r, bulk_ids, timeout=600, interval=0.2) < backlog:
+                    raise CorrectnessError(f"{task.name}: bulk results missing")
+            finally:
+                stop.set()
+                sender.join()
+            ids = [tid for tid, _, _ in trickle]
+            if wait_for_results(r, ids, timeout=60, interval=0.05) < len(ids):
+                raise CorrectnessError(f"{task.name}: urgent results missing")
+            metas = fetch_results(r, bulk_ids)
+            verify_results(f"{task.name} bulk", metas, bulk_ids, xs)
+            drained = max(date_done_ts(m) for m in metas if m) - t0
+            umetas = fetch_results(r, ids)
+            verify_results(f"{task.name} urgent", umetas, ids, [x for _, _, x in trickle])
+            lat = [(date_done_ts(m) - sent) * 1000.0
+                   for m, (_, sent, _) in zip(umetas, trickle) if m]
+            rows[task.name] = (backlog / drained, statistics.median(lat), percentile(lat, 99),
+                               max(lat), len(lat))
+            log(f"  {task.name:<20} bulk {rows[task.name][0]:7,.0f} items/s   urgent p50 "
+                f"{rows[task.name][1]:6.1f} ms  p99 {rows[task.name][2]:6.1f} ms  max "
+                f"{rows[task.name][3]:6.1f} ms  ({len(lat)} urgent items)")
+    r.close()
+    plain, urgent = rows[sim.shared_plain.name], rows[sim.shared_urgent.name]
+    return [f"### Priorities: urgent trickle over a bulk backlog (simulated model "
+            f"{sim.FIXED_MS:g} ms + {sim.PER_ITEM_MS:g} ms/item, batch {sim.PRIO_BATCH})",
+            f"{backlog:,} bulk items (priority 9) sent at once, {rate:g} urgent items/s "
+            f"(priority 0, Redis: the most urgent) while they drain, one pool process; latency "
+            f"is submit → result stored. Target: urgent p99 ≤ `urgent_wait_ms` + two batches "
+            f"= {bound:g} ms, bulk ≥ 90 % of the run without priorities.", "",
+            "| | bulk items/s | urgent p50 / p99 / max (ms) | urgent items |",
+            "|---|---|---|---|",
+            f"| no priorities (`wait_ms={sim.PRIO_WAIT_MS:g}`) | {plain[0]:,.0f} | "
+            f"{plain[1]:.1f} / {plain[2]:.1f} / {plain[3]:.1f} | {plain[4]} |",
+            f"| `urgent_priority=0`, `urgent_wait_ms={sim.URGENT_WAIT_MS:g}` | {urgent[0]:,.0f} "
+            f"({urgent[0] / plain[0]:.0%}) | {urgent[1]:.1f} / {urgent[2]:.1f} / "
+            f"{urgent[3]:.1f} | {urgent[4]} |", ""]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--only", default="bucketing,latency")
+    parser.add_argument("--only", default="bucketing,latency,priorities")
     parser.add_argument("--items", type=int, default=512, help="sentences for bucketing")
     parser.add_argument("--seconds", type=float, default=5.0, help="per rate, for latency")
+    parser.add_argument("--backlog", type=int, default=20_000, help="bulk items, priorities")
+    parser.add_argument("--urgent-rate", type=float, default=20.0, help="urgent items/s")
+    parser.add_argument("--redis-url", default=DEFAULT_REDIS_URL,
+                        help="broker and backend (its db is flushed)")
     parser.add_argument("--out", type=Path, help="also write the tables (markdown) here")
     args = parser.parse_args(argv)
+    global REDIS_URL
+    REDIS_URL = args.redis_url
+    os.environ.update({"BENCH_BROKER_URL": REDIS_URL, "BENCH_BACKEND_URL": REDIS_URL})
     only = set(args.only.split(","))
     lines: list[str] = []
     try:
@@ -200,6 +290,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             lines += section_bucketing(args.items)
         if "latency" in only:
             lines += section_latency(args.seconds)
+        if "priorities" in only:
+            lines += section_priorities(args.backlog, args.urgent_rate)
     except CorrectnessError as exc:
         print(f"CORRECTNESS FAILURE: {exc}", file=sys.stderr)
         return 1

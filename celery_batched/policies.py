@@ -8,6 +8,11 @@
 * ``max_latency_ms`` -- a latency target instead of a fixed wait (``latency.py``).
 * ``oom_errors`` -- the exceptions on which a batch is split in halves and re-run
   (``execution.py``).
+* ``preferred_batch_sizes`` -- the sizes the function runs best at (CUDA graphs, TensorRT
+  engines built for fixed shapes): a batch flushed by time leaves at one of them when it can
+  (``buffer.py``), and ``padded_size`` tells the function the size to pad to.
+* ``urgent_priority`` + ``urgent_wait_ms`` -- items sent with an urgent message priority batch
+  apart, with their own wait, and go first to a free pool process (``buffer.py``).
 
 Everything is checked once, when the task is defined, so a mistake fails at import with a
 message naming the option; per item, ``ItemPolicy`` evaluates the key and the cost on the
@@ -16,6 +21,7 @@ consumer, where the buffer needs them.
 
 from __future__ import annotations
 
+import bisect
 import importlib.util
 import inspect
 import math
@@ -178,6 +184,53 @@ def check_max_latency_ms(value: object, wait_ms_set: bool, task_name: str) -> fl
             f"buffer chooses each wait itself, from the arrival rate and the batch execution "
             f"time it observes")
     return float(value)
+
+
+def check_preferred_batch_sizes(value: object, max_batch_size: int,
+                                task_name: str) -> tuple[int, ...]:
+    """``preferred_batch_sizes`` as a sorted tuple of distinct sizes in 1..max_batch_size."""
+    if value is None:
+        return ()
+    sizes = value if isinstance(value, (tuple, list)) else None
+    if sizes is None or not sizes or any(isinstance(s, bool) or not isinstance(s, int)
+                                         or s < 1 for s in sizes):
+        raise BatchedTaskOptionError(
+            f"{task_name}: preferred_batch_sizes must be a non-empty list of ints >= 1 (the "
+            f"batch sizes the function runs best at), e.g. (8, 16, 32); got {value!r}")
+    too_big = [s for s in sizes if s > max_batch_size]
+    if too_big:
+        raise BatchedTaskOptionError(
+            f"{task_name}: preferred_batch_sizes {too_big} exceed max_batch_size="
+            f"{max_batch_size}, so no batch could ever have them; raise max_batch_size (usually "
+            f"to the largest preferred size) or drop them")
+    return tuple(sorted(set(sizes)))
+
+
+def check_urgent_priority(value: object, task_name: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 255:
+        raise BatchedTaskOptionError(
+            f"{task_name}: urgent_priority must be a message priority, an int from 0 to 255 "
+            f"(items at least that urgent batch apart and go first), got {value!r}; e.g. "
+            f"urgent_priority=9 on RabbitMQ (higher first), 0 on Redis (lower first)")
+    return value
+
+
+def check_urgent_wait_ms(value: object, task_name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 \
+            or math.isinf(value):
+        raise BatchedTaskOptionError(
+            f"{task_name}: urgent_wait_ms must be a finite number of milliseconds >= 0 (how "
+            f"long an urgent item's batch waits for more), got {value!r}")
+    return float(value)
+
+
+def padded_size(n: int, sizes: tuple[int, ...]) -> int:
+    """The smallest of ``sizes`` that holds ``n`` items; ``n`` itself when none does (or
+    there are no sizes)."""
+    i = bisect.bisect_left(sizes, n)
+    return sizes[i] if i < len(sizes) else n
 
 
 def resolve_oom_errors(value: object, task_name: str) -> tuple[Any, ...]:

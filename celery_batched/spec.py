@@ -25,12 +25,17 @@ from .policies import (
     check_cost_bound,
     check_max_latency_ms,
     check_max_open_keys,
+    check_preferred_batch_sizes,
+    check_urgent_priority,
+    check_urgent_wait_ms,
     item_policy,
+    padded_size,
     resolve_oom_errors,
 )
 
 DEFAULT_MAX_BATCH_SIZE: Final = 64
 DEFAULT_WAIT_MS: Final = 20
+DEFAULT_URGENT_WAIT_MS: Final = 2
 
 _MISSING: Final = object()
 _FILLABLE = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD,
@@ -78,6 +83,11 @@ class BatchSpec:
     max_latency_ms: float | None = None
     #: Exceptions on which a batch is split in halves and re-run (``policies.is_oom``).
     oom_errors: tuple[Any, ...] = ()
+    #: Sizes the function runs best at, ascending (``buffer.py`` flushes by time at them).
+    preferred_batch_sizes: tuple[int, ...] = ()
+    #: Message priority from which items batch apart and go first (``buffer.urgency``).
+    urgent_priority: int | None = None
+    urgent_wait_ms: float = DEFAULT_URGENT_WAIT_MS
 
     @classmethod
     def from_function(cls, fun: Callable[..., Any], *, skip_first: bool, task_name: str,
@@ -85,8 +95,13 @@ class BatchSpec:
                       max_open_keys: object = DEFAULT_MAX_OPEN_KEYS, batch_cost: object = None,
                       max_batch_cost: object = None, max_latency_ms: object = None,
                       wait_ms_set: bool = False,
-                      oom_errors: object = DEFAULT_OOM_ERRORS) -> BatchSpec:
+                      oom_errors: object = DEFAULT_OOM_ERRORS,
+                      preferred_batch_sizes: object = None, urgent_priority: object = None,
+                      urgent_wait_ms: object = DEFAULT_URGENT_WAIT_MS) -> BatchSpec:
         size = check_max_batch_size(max_batch_size, task_name)
+        preferred = check_preferred_batch_sizes(preferred_batch_sizes, size, task_name)
+        urgent_at = check_urgent_priority(urgent_priority, task_name)
+        urgent_wait = check_urgent_wait_ms(urgent_wait_ms, task_name)
         wait = check_wait_ms(wait_ms, task_name)
         open_keys = check_max_open_keys(max_open_keys, task_name)
         cost_bound = check_cost_bound(batch_cost, max_batch_cost, task_name)
@@ -121,7 +136,8 @@ class BatchSpec:
                    is_async=inspect.iscoroutinefunction(fun), _index=index,
                    policy=item_policy(task_name, names, n_positional, batch_key, batch_cost),
                    max_open_keys=open_keys, max_batch_cost=cost_bound, max_latency_ms=latency,
-                   oom_errors=oom)
+                   oom_errors=oom, preferred_batch_sizes=preferred,
+                   urgent_priority=urgent_at, urgent_wait_ms=urgent_wait)
 
     def reconfigured(self, changes: Mapping[str, object]) -> BatchSpec:
         """This spec with some options changed on a running worker, checked as at definition.
@@ -143,6 +159,10 @@ class BatchSpec:
             raise BatchedTaskOptionError(
                 f"{name} batches with wait_ms: change wait_ms (switching to max_latency_ms "
                 f"needs a new definition of the task)")
+        if "urgent_wait_ms" in changes and self.urgent_priority is None:
+            raise BatchedTaskOptionError(
+                f"{name} has no urgent_priority: urgent_wait_ms needs urgent_priority in its "
+                f"definition")
         if "max_batch_cost" in changes and self.max_batch_cost is None:
             raise BatchedTaskOptionError(
                 f"{name} has no batch_cost: max_batch_cost needs batch_cost in its definition")
@@ -162,7 +182,16 @@ class BatchSpec:
         if self.max_batch_cost is not None:
             out["max_batch_cost"] = self.max_batch_cost
         out["oom_errors"] = [_exc_name(e) for e in self.oom_errors]
+        if self.preferred_batch_sizes:
+            out["preferred_batch_sizes"] = list(self.preferred_batch_sizes)
+        if self.urgent_priority is not None:
+            out["urgent_priority"] = self.urgent_priority
+            out["urgent_wait_ms"] = self.urgent_wait_ms
         return out
+
+    def padded_size(self, n: int) -> int:
+        """The preferred batch size a call of ``n`` items runs at (``policies.padded_size``)."""
+        return padded_size(n, self.preferred_batch_sizes)
 
     @property
     def wait_s(self) -> float:
@@ -266,6 +295,15 @@ OPTIONS: Final[tuple[Option, ...]] = (
            default_text="`MemoryError`, `torch.cuda.OutOfMemoryError`"),
     Option("max_backlog", None, "producers refuse to send (`Backpressure`) while the task's "
            "queue holds this many messages (int ≥ 1; [backpressure](writing-tasks.md#backpressure))"),
+    Option("preferred_batch_sizes", None, "sizes the function runs best at (CUDA graphs, "
+           "TensorRT): a batch flushed by time leaves at the largest that fits, the rest waits "
+           "once more; `task.padded_size(n)` gives the size to pad to "
+           "([Batching policies](policies.md))"),
+    Option("urgent_priority", None, "items whose message priority is at least this urgent "
+           "(≥ on RabbitMQ, ≤ on Redis) batch apart with `urgent_wait_ms` and go first to a "
+           "free pool process ([Batching policies](policies.md))"),
+    Option("urgent_wait_ms", DEFAULT_URGENT_WAIT_MS, "`wait_ms` of urgent items' batches (with "
+           "`urgent_priority`)", check_urgent_wait_ms),
 )
 DEFAULTS: Final[dict[str, Any]] = {o.name: o.default for o in OPTIONS}
 #: What ``BatchSpec.reconfigured`` (remote control: ``configure_batching``) may change, and the

@@ -57,6 +57,12 @@ class BatchedTask(Task):
     #: Producers refuse to send (``Backpressure``) while the task's queue holds this many
     #: messages; None: no bound.
     max_backlog: ClassVar[int | None] = DEFAULTS["max_backlog"]
+    #: Batch sizes the function runs best at (fixed-shape engines); see ``padded_size``.
+    preferred_batch_sizes: ClassVar[Any] = DEFAULTS["preferred_batch_sizes"]
+    #: Items sent with a message priority at least this urgent batch apart and go first ...
+    urgent_priority: ClassVar[int | None] = DEFAULTS["urgent_priority"]
+    #: ... with this wait (ms) for their batch.
+    urgent_wait_ms: ClassVar[float] = DEFAULTS["urgent_wait_ms"]
     #: Messages are acknowledged after their results are stored: at-least-once delivery.
     acks_late = True
 
@@ -77,7 +83,8 @@ class BatchedTask(Task):
             batch_cost=_option(cls, "batch_cost"), max_batch_cost=cls.max_batch_cost,
             max_latency_ms=cls.max_latency_ms,
             wait_ms_set=any("wait_ms" in k.__dict__ for k in cls.__mro__ if k is not BatchedTask),
-            oom_errors=cls.oom_errors)
+            oom_errors=cls.oom_errors, preferred_batch_sizes=cls.preferred_batch_sizes,
+            urgent_priority=cls.urgent_priority, urgent_wait_ms=cls.urgent_wait_ms)
         cls.max_backlog = check_max_backlog(cls.max_backlog, name)
         app = cls.__dict__.get("app")
         if isinstance(app, Celery):
@@ -101,6 +108,14 @@ class BatchedTask(Task):
             backlog.check(self, 1, limit, options, args or (), kwargs)
         return super().apply_async(args, kwargs, task_id, producer, link, link_error, shadow,
                                    **options)
+
+    def padded_size(self, n: int) -> int:
+        """The preferred batch size (``preferred_batch_sizes``) to pad a call of ``n`` items
+        to: the smallest that holds them, or ``n`` when none does. For the function itself::
+
+            x = pad(texts, embed.padded_size(len(texts)))   # the engine built for that size
+        """
+        return self._batch_spec.padded_size(n)
 
     def starmap_items(self, items: Iterable[Sequence[Any] | Mapping[str, Any]],
                       **options: Any) -> ItemResults:

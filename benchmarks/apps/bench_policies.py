@@ -38,3 +38,22 @@ def fixed_wait(xs: list[int]) -> list[int]:
           max_latency_ms=TARGET_MS)
 def latency_target(xs: list[int]) -> list[int]:
     return _model(xs)
+
+
+#: ``priorities`` section: a bulk backlog and an urgent trickle share one process (Redis:
+#: priority 0 is the most urgent, bulk is sent with 9).
+PRIO_BATCH = int(os.environ.get("BENCH_PRIO_MAX_BATCH", "64"))
+PRIO_WAIT_MS = float(os.environ.get("BENCH_PRIO_WAIT_MS", "20"))
+URGENT_WAIT_MS = float(os.environ.get("BENCH_URGENT_WAIT_MS", "2"))
+
+
+@app.task(base=BatchedTask, name="bench.shared_plain", max_batch_size=PRIO_BATCH,
+          wait_ms=PRIO_WAIT_MS)
+def shared_plain(xs: list[int]) -> list[int]:
+    return _model(xs)
+
+
+@app.task(base=BatchedTask, name="bench.shared_urgent", max_batch_size=PRIO_BATCH,
+          wait_ms=PRIO_WAIT_MS, urgent_priority=0, urgent_wait_ms=URGENT_WAIT_MS)
+def shared_urgent(xs: list[int]) -> list[int]:
+    return _model(xs)

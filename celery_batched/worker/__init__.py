@@ -5,7 +5,8 @@ Read in this order -- it is the data path, from a message to its acknowledgement
 1. ``strategy`` -- Celery calls it per message of a batched task: the message becomes an
    ``item.Item`` (body still encoded); revoke and expiry checks, ``task-received``, ETA.
 2. ``buffer`` -- per task, items wait unacknowledged until ``max_batch_size`` or ``wait_ms``
-   (with ``latency`` for ``max_latency_ms``); ``prefetch`` sizes how many may wait.
+   (with ``latency`` for ``max_latency_ms``, ``urgency`` for ``urgent_priority``); ``prefetch``
+   sizes how many may wait.
 3. ``dispatch`` -- a flushed ``batch.Batch`` becomes ONE pool job (``protocol.WireItem`` each);
    the pool (``celery_batched.pool``) runs it and answers one ``protocol.BatchReply``.
 4. ``writer`` -- a thread of the main process stores the successes in one round trip, while the

@@ -79,7 +79,8 @@ class Buffers:
                                                        spec.max_batch_size)
             buffer = self.by_task[task.name] = BatchBuffer(
                 spec, self.timer, self.prefetch.credit_for(spec.max_batch_size),
-                self.dispatcher, pool_busy=self.dispatcher.pool_busy, latency=latency)
+                self.dispatcher, pool_busy=self.dispatcher.pool_busy, latency=latency,
+                high_first=self.consumer.connection.transport.driver_type != "redis")
         return buffer
 
     def flush_due(self) -> None:

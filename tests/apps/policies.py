@@ -13,7 +13,9 @@ from celery_batched import BatchedTask
 
 from ._common import make_app, redis_client
 
-app = make_app("policies")
+# On RabbitMQ, priorities need queues declared with x-max-priority (TEST_QUEUE_MAX_PRIORITY).
+app = make_app("policies",
+               task_queue_max_priority=int(os.environ.get("TEST_QUEUE_MAX_PRIORITY", 0)) or None)
 _redis = redis_client()
 
 
@@ -72,4 +74,28 @@ def fits_eight(xs: list[int]) -> list[int]:
 def latency_target(xs: list[int]) -> list[int]:
     record("latency_target", xs=xs)
     time.sleep(0.05)
+    return xs
+
+
+@app.task(base=BatchedTask, preferred_batch_sizes=(4, 8), max_batch_size=8, wait_ms=1000)
+def fixed_shapes(xs: list[int]) -> list[int]:
+    """An engine built for batches of 4 and 8: records each call's items and padded size."""
+    record("fixed_shapes", xs=xs, padded=fixed_shapes.padded_size(len(xs)))
+    return [x * 3 for x in xs]
+
+
+@app.task(base=BatchedTask, urgent_priority=0, urgent_wait_ms=0, max_batch_size=4, wait_ms=200)
+def shared_gpu(xs: list[int]) -> list[int]:
+    """Interactive (priority 0, Redis: most urgent) and bulk work (priority 9) on one process:
+    records each call's items in the order the calls ran."""
+    record("shared_gpu", xs=xs)
+    time.sleep(0.3)
+    return xs
+
+
+@app.task(base=BatchedTask, urgent_priority=5, urgent_wait_ms=0, max_batch_size=4, wait_ms=200)
+def shared_gpu_amqp(xs: list[int]) -> list[int]:
+    """``shared_gpu`` for RabbitMQ, where higher priorities are the more urgent."""
+    record("shared_gpu_amqp", xs=xs)
+    time.sleep(0.3)
     return xs
