@@ -28,7 +28,7 @@ import math
 import sys
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, TypeGuard
 
 from .errors import BatchedTaskDefinitionError, BatchedTaskOptionError, ItemPolicyError
 
@@ -82,8 +82,7 @@ class ItemPolicy:
         if self.cost_fn is None:
             return 0.0
         cost = self._call(self.cost_fn, row, self.cost_label)
-        if isinstance(cost, bool) or not isinstance(cost, (int, float)) or not cost >= 0 \
-                or math.isinf(cost):
+        if not _finite_non_negative(cost):
             raise ItemPolicyError(
                 f"{self.task_name}: {self.cost_label} returned {_short(cost)} for this item; "
                 f"a cost must be a finite number >= 0")
@@ -218,8 +217,7 @@ def check_urgent_priority(value: object, task_name: str) -> int | None:
 
 
 def check_urgent_wait_ms(value: object, task_name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 \
-            or math.isinf(value):
+    if not _finite_non_negative(value):
         raise BatchedTaskOptionError(
             f"{task_name}: urgent_wait_ms must be a finite number of milliseconds >= 0 (how "
             f"long an urgent item's batch waits for more), got {value!r}")
@@ -271,3 +269,10 @@ def _name(fn: object) -> str:
 def _short(value: object) -> str:
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _finite_non_negative(value: object) -> TypeGuard[int | float]:
+    """A real number (not a bool) >= 0 and finite: what costs and waits must be."""
+    return (not isinstance(value, bool) and isinstance(value, (int, float)) and value >= 0
+            and not math.isinf(value))
+
