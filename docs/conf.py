@@ -60,6 +60,7 @@ nitpick_ignore_regex = [
     # Celery's consumer, and the worker-side service BatchingStep builds: internal, not in
     # celery_batched.__all__, so not on the API page.
     ("py:class", "Consumer"),
+    ("py:class", "Celery"),
     ("py:class", "celery_batched.worker.service.BatchingService"),
 ]
 
