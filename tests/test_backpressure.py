@@ -153,3 +153,18 @@ def test_a_bad_bound_is_refused_at_definition(value) -> None:
     with pytest.raises(BatchedTaskOptionError, match=r"bp.double: max_backlog must be None \(no "
                        r"bound\) or an int >= 1 \(messages waiting in the task's queue\), got"):
         _task(_app(REDIS_URL), max_backlog=value).name  # the app binds its tasks here
+
+
+def test_a_broker_the_gauge_cant_read_doesnt_block_sends(caplog) -> None:
+    """The bound fails open: nothing to read from means no refusal (Celery's own publish
+    retries then decide), with a WARNING that says so, and no new attempt for a while."""
+    from .servers import free_port
+
+    gauge = backlog.BacklogGauge(_app(f"redis://127.0.0.1:{free_port()}/0"))
+    with caplog.at_level("WARNING", logger="celery_batched.client.backlog"):
+        for _ in range(3):
+            gauge.admit("bp.double", "q", 1, max_backlog=1)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1, warnings
+    assert "can't read the length of queue 'q'" in warnings[0]
+    assert "sending without its max_backlog check" in warnings[0]

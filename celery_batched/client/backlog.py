@@ -5,7 +5,8 @@ rather than queue hours of work. A producer reads the queue's length on a connec
 at most once per ``REFRESH_S`` per queue (one round trip: ``_internals.client.queue_messages``),
 and every send in between compares against that reading plus what this process sent since -- so
 a burst from one process can't overshoot the bound by more than what other producers sent in the
-same half second.
+same half second. A broker the gauge can't read from doesn't block sends: they go unchecked (with a
+WARNING) for ``UNREADABLE_BACKOFF_S``, and Celery's own publish retries decide.
 
 The drain rate behind ``Backpressure.retry_after`` comes from successive readings: what left the
 queue between two reads is the earlier length, plus what this process sent, minus the later
@@ -14,6 +15,7 @@ length. Other producers' sends hide some of the drain, so the estimate errs long
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -25,10 +27,16 @@ from celery import Celery
 from .._internals.client import queue_messages
 from ..errors import Backpressure
 
+logger = logging.getLogger(__name__)
+
 #: Seconds a queue-length reading is used for, at most.
 REFRESH_S = 0.5
 #: Weight of the newest drain-rate sample in the running estimate.
 RATE_SMOOTHING = 0.5
+#: Seconds the gauge waits for the broker when it (re)connects; past it the send goes unchecked.
+CONNECT_TIMEOUT_S = 2.0
+#: Seconds sends go unchecked after the queue's length could not be read.
+UNREADABLE_BACKOFF_S = 5.0
 #: Bounds of ``Backpressure.retry_after``, in seconds.
 RETRY_AFTER_BOUNDS = (0.1, 300.0)
 
@@ -39,6 +47,8 @@ class _Queue:
     read_at: float = float("-inf")
     sent_since_read: int = 0
     drain_per_s: float | None = None
+    #: The last read failed: sends go unchecked until the next one.
+    unreadable: bool = False
 
 
 class BacklogGauge:
@@ -63,39 +73,52 @@ class BacklogGauge:
             now = time.monotonic()
             if now - state.read_at >= REFRESH_S:
                 self._refresh(queue, state, now)
+            if state.unreadable:
+                return
             backlog = state.messages + state.sent_since_read
             if backlog + n > max_backlog:
                 raise self._refusal(task_name, queue, backlog, n, max_backlog, state)
             state.sent_since_read += n
 
     def _refresh(self, queue: str, state: _Queue, now: float) -> None:
-        messages = self._read(queue)
-        if state.read_at != float("-inf"):
+        try:
+            messages = self._read(queue)
+        except Exception as exc:  # fail open: the send goes on, with Celery's publish retries
+            logger.warning("celery_batched: can't read the length of queue %r (%s: %s): "
+                           "sending without its max_backlog check for %gs", queue,
+                           type(exc).__name__, exc, UNREADABLE_BACKOFF_S)
+            state.messages, state.sent_since_read, state.unreadable = 0, 0, True
+            state.read_at = now + UNREADABLE_BACKOFF_S - REFRESH_S
+            state.drain_per_s = None
+            return
+        if state.read_at != float("-inf") and not state.unreadable:
             drained = state.messages + state.sent_since_read - messages
             sample = max(0.0, drained) / max(now - state.read_at, 1e-3)
             state.drain_per_s = sample if state.drain_per_s is None else (
                 RATE_SMOOTHING * sample + (1 - RATE_SMOOTHING) * state.drain_per_s)
         state.messages, state.read_at, state.sent_since_read = messages, now, 0
+        state.unreadable = False
 
     def _read(self, queue: str) -> int:
         """The queue's length, on this gauge's own connection (never a producer's channel: a
         passive declare of a missing queue closes an AMQP channel)."""
         for attempt in (1, 2):
+            fresh = self._connection is None
             try:
                 if self._channel is None:
                     if self._connection is None:
-                        self._connection = self.app.connection_for_write()
+                        self._connection = self.app.connection_for_write(
+                            connect_timeout=CONNECT_TIMEOUT_S)
                     self._channel = self._connection.channel()
                 return queue_messages(self._channel, queue)
             except Exception as exc:
                 self._channel = None
-                if self._connection is not None and isinstance(
-                        exc, tuple(self._connection.channel_errors)):
-                    return 0  # no such queue: nothing waits in it
+                if getattr(exc, "reply_code", None) == 404:  # AMQP: no such queue, none wait
+                    return 0
                 if self._connection is not None:
                     self._connection.release()
                     self._connection = None
-                if attempt == 2:
+                if fresh or attempt == 2:  # a stale connection gets one more try, a new one not
                     raise
         raise AssertionError("unreachable")
 
