@@ -39,7 +39,7 @@ lock: install
 
 # The documentation site, strictly: a warning (broken link or reference, missing include) fails it.
 docs: install
-	$(PY) -m sphinx -E -W -n --keep-going -q -b html docs docs/_build/html
+	$(PY) -m sphinx -W -n --keep-going -E -q -b html docs docs/_build/html
 
 # The release files (dist/), checked as PyPI would render and accept them.
 dist: install

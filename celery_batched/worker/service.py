@@ -140,6 +140,10 @@ class BatchingService:
         # Before the pool forks its processes: they start with the heap frozen too, so their
         # own freeze after setup() collects only what was made since.
         self._froze = tuning.freeze_startup_heap(consumer.app)
+        #: An embedded worker (celery.contrib.testing) may be shut down from another thread
+        #: while its consumer is still starting: what start sets up after that is not undone.
+        self._tuning_lock = threading.Lock()
+        self._shut_down = False
 
     def start(self, c: Consumer) -> None:
         first = self.thread is None
@@ -149,13 +153,17 @@ class BatchingService:
             self.thread.arm()
         self._connect(c)
         if first:  # what start-up made since: the connection, the pool, the consumer's state
-            tuning.freeze_startup_heap(c.app)
+            with self._tuning_lock:
+                if not self._shut_down:
+                    self._froze = tuning.freeze_startup_heap(c.app) or self._froze
 
     def _start_worker(self, c: Consumer) -> None:
         """What lives as long as the worker."""
         check_worker(c.app, c.connection.transport.driver_type,
                      getattr(c.controller, "max_concurrency", None) or self.slots())
-        self._previous_switch = tuning.shorten_switch_interval(c.app)
+        with self._tuning_lock:
+            if not self._shut_down:
+                self._previous_switch = tuning.shorten_switch_interval(c.app)
         thread = self.thread = ConsumerThread(c, self.thread_lock)
         port, addr = metrics_settings(c.app, *self.cli_metrics)
         if port is not None:
@@ -253,8 +261,10 @@ class BatchingService:
             self.metrics.stop()
         if self._pinning is not None:
             signals.worker_process_init.disconnect(self._pinning)
-        tuning.restore(self._previous_switch, self._froze)
-        self._previous_switch, self._froze = None, False
+        with self._tuning_lock:
+            self._shut_down = True
+            tuning.restore(self._previous_switch, self._froze)
+            self._previous_switch, self._froze = None, False
 
     def _drain_writer(self, timeout: float) -> bool:
         """Wait (at most ``timeout`` s) until the writer stored what it was given and handed the
