@@ -32,6 +32,22 @@ from .errors import WorkerConfigurationError
 #: CPython's default ``sys.getswitchinterval()``.
 PYTHON_DEFAULT_SWITCH_INTERVAL = 0.005
 
+#: True in a worker's processes (set before the pool forks, so its children inherit it): only
+#: there does ``setup()`` end with a freeze. An eager or direct call runs ``setup()`` in the
+#: caller's process -- a web server, a test run -- whose heap is not ours to freeze.
+_in_worker = False
+
+
+def set_in_worker(value: bool) -> None:
+    global _in_worker
+    _in_worker = value
+
+
+def freeze_after_setup(app: Celery) -> None:
+    """After a batched task's ``setup()``: freeze what it loaded, in a worker's process only."""
+    if _in_worker:
+        freeze_startup_heap(app)
+
 
 def freeze_startup_heap(app: Celery) -> bool:
     """Collect, then freeze what is left (unless the app's ``batching_gc_freeze`` is False).

@@ -270,6 +270,19 @@ def test_an_embedded_worker_gives_the_interpreter_back(redis_client):
     assert (sys.getswitchinterval(), gc.get_freeze_count()) == (pytest.approx(0.005), 0)
 
 
+def test_a_direct_or_eager_call_leaves_the_callers_heap_alone():
+    """``setup()`` run outside a worker (a direct call, eager mode) doesn't freeze the calling
+    program's heap: that is a worker's tuning, and a frozen cycle is never collected."""
+    assert gc.get_freeze_count() == 0
+    assert calc.sized(4) == 40  # a batch of one, setup() and the function in this process
+    calc.app.conf.task_always_eager = True
+    try:
+        assert calc.sized.delay(5).get() == 50
+    finally:
+        calc.app.conf.task_always_eager = False
+    assert gc.get_freeze_count() == 0
+
+
 def test_two_batched_tasks_share_a_worker(redis_client, queue, start_worker):
     start_worker(APP, queues=queue, pool="threads", concurrency=2)
     a = [calc.sized.apply_async((i,), queue=queue) for i in range(4)]

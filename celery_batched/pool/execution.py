@@ -25,7 +25,7 @@ from .._internals import trace
 from ..errors import BatchResultError, BatchSetupError
 from ..policies import is_oom
 from ..protocol import BatchedTaskLike, BatchReply, WireItem
-from ..tuning import freeze_startup_heap
+from ..tuning import freeze_after_setup
 from .event_loop import run_coroutine
 from .oom import fit_limit, free_cuda_cache
 from .outcomes import ItemOutcomes
@@ -233,5 +233,5 @@ def ensure_setup(task: BatchedTaskLike) -> None:
                 f"the batch failed and setup() runs again before the next batch") from exc
         _stats.setup_s += (time.monotonic() - started) * timed
         task.__dict__["_celery_batched_setup_pid"] = pid
-        freeze_startup_heap(task.app)
+        freeze_after_setup(task.app)
 

@@ -140,6 +140,7 @@ class BatchingService:
         # Before the pool forks its processes: they start with the heap frozen too, so their
         # own freeze after setup() collects only what was made since.
         self._froze = tuning.freeze_startup_heap(consumer.app)
+        tuning.set_in_worker(True)
         #: An embedded worker (celery.contrib.testing) may be shut down from another thread
         #: while its consumer is still starting: what start sets up after that is not undone.
         self._tuning_lock = threading.Lock()
@@ -263,6 +264,7 @@ class BatchingService:
             signals.worker_process_init.disconnect(self._pinning)
         with self._tuning_lock:
             self._shut_down = True
+            tuning.set_in_worker(False)
             tuning.restore(self._previous_switch, self._froze)
             self._previous_switch, self._froze = None, False
 
