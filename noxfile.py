@@ -28,7 +28,7 @@ def matrix(session: nox.Session, celery: str, kombu: str) -> None:
     session.install(f"celery[redis,msgpack]=={celery}", f"kombu=={kombu}", "hiredis", "numpy",
                     "prometheus-client", "sqlalchemy>=2", "psycopg2-binary>=2.9",
                     "psycopg[binary]>=3.1",
-                    "pytest>=8", "pytest-timeout>=2.3", "psutil>=5.9")
+                    "orjson>=3.9", "pytest>=8", "pytest-timeout>=2.3", "psutil>=5.9")
     session.install("--no-deps", "-e", ".")
     env = {"TEST_REDIS_URL": REDIS, "TEST_BROKER_URL": REDIS, "TEST_BACKEND_URL": REDIS}
     # The matrix's cells whose path runs through Celery's own Request handlers (lost children,
