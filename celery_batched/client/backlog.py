@@ -140,12 +140,6 @@ class BacklogGauge:
             task=task_name, queue=queue, backlog=backlog,
             max_backlog=max_backlog, retry_after=retry_after)
 
-    def close(self) -> None:
-        with self._lock:
-            if self._connection is not None:
-                self._connection.release()
-            self._connection = self._channel = None
-
 
 _gauges: dict[int, BacklogGauge] = {}
 _gauges_lock = threading.Lock()

@@ -26,6 +26,7 @@ from celery.worker.consumer import Consumer
 
 from .. import observers, tuning
 from .._internals import worker
+from .._internals.client import queue_messages
 from .._internals.kombu_redis import guard_close, install_bulk_fetch
 from ..errors import WorkerConfigurationError
 from ..observers import Observers
@@ -332,9 +333,9 @@ class BatchingService:
         return out
 
     def _backlog(self) -> dict[str, int]:
-        """Messages waiting in the broker per consumed queue (not yet fetched by any worker):
-        one passive declare per queue on a connection of its own (the scrape's thread must not
-        use the consumer's)."""
+        """Messages waiting in the broker per consumed queue (not yet fetched by any worker), read
+        as producers' ``max_backlog`` reads them (``queue_messages``), on a connection of its own
+        (the scrape's thread must not use the consumer's)."""
         out: dict[str, int] = {}
         with self.consumer.app.connection_for_read(connect_timeout=2) as conn:
             conn.ensure_connection(max_retries=1)
@@ -342,8 +343,7 @@ class BatchingService:
             try:
                 for name in list(self.queues):
                     try:
-                        out[name] = int(channel.queue_declare(queue=name,
-                                                              passive=True).message_count)
+                        out[name] = queue_messages(channel, name)
                     except conn.channel_errors:  # no such queue (Redis: an empty one): none wait
                         out[name] = 0
                         channel.close()
