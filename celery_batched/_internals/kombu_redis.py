@@ -48,14 +48,8 @@ def _decode(text: str | bytes) -> Any:
     return jsonc.loads(text)
 
 def _decode_many(raws: Sequence[bytes]) -> list[Any] | None:
-    """Many popped messages decoded as ``_decode`` decodes each, in one call (a third less CPU
-    per message than one call each); None if any is not one JSON value, so that each is then
-    decoded alone and a bad one fails alone."""
-    try:
-        decoded = _decode(b"[%s]" % b",".join(raws))
-    except (ValueError, TypeError):
-        return None
-    return decoded if len(decoded) == len(raws) else None
+    """Many popped messages decoded as ``_decode`` decodes each, in one call (``jsonc``)."""
+    return jsonc.loads_many(raws)
 
 
 # KEYS: unacked hash, unacked index, then the queue's lists by priority (BRPOP's order).

@@ -57,20 +57,9 @@ def decode_json_bodies(bodies: Sequence[Any]) -> list[Any] | None:
     when that can't be done safely at once (a body kombu's hook would rewrite, a body that is
     not one JSON value, undecodable text) -- the caller then decodes each alone, so a bad item
     fails alone. One C-level decode of the joined text costs a third of 128 separate ones."""
-    try:
-        joined = b"[%s]" % b",".join(bodies)
-    except TypeError:
+    if any(b'"__type__"' in body for body in bodies):
         return None
-    if b'"__type__"' in joined:
-        return None
-    try:
-        decoded = jsonc.loads(joined)
-    except ValueError:  # UnicodeDecodeError included
-        return None
-    # A body such as ``1, 2`` would shift every later item: only one value per body counts.
-    if len(decoded) != len(bodies):
-        return None
-    return decoded
+    return jsonc.loads_many(bodies)
 
 
 def split_body(decoded: Any) -> tuple[Sequence[Any], dict[str, Any], dict[str, Any] | None]:
